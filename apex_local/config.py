@@ -1,0 +1,504 @@
+"""Typed configuration: one YAML file per topology -> frozen dataclasses, one per concern.
+
+Every process of a run reads the same file (``--config`` or ``APEX_CONFIG``) and may apply
+``--set section.field=value`` overrides. Validation runs before anything starts and every
+error names the field, the bad value and what is allowed (``ConfigError``; the CLI exits 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and the bad value."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "dqn"  # dqn | rainbow | apex | r2d2 | drqn | gorila (a label; nets/losses follow the sections)
+    seed: int = 0  # base seed; actor i uses seed + 1000 * (i + 1)
+    max_env_steps: int = 100_000  # the run ends cleanly when this many env steps (all actors) are done
+    max_updates: int = 0  # learner stops after this many updates; 0 = no limit
+    dir: str = "runs/{run_id}"  # checkpoints and logs; {run_id} is substituted
+    run_id: str = ""  # namespaces shm segments and ipc paths; APEX_RUN_ID overrides; '' = derived
+    device: str = "auto"  # auto | cpu | cuda | cuda:N  (learner device; actors always use the CPU)
+    log_every_seconds: float = 5.0  # period of the one-line status on stdout
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    id: str = "CartPole-v1"  # gymnasium id, Atari id (ALE/Pong-v5 or 'pong'), or 'package.module:Factory'
+    num_envs: int = 1  # environments per actor (vectorised)
+    frame_stack: int = 1  # k frames stacked on axis 1: obs shape = (k, *frame_shape)
+    # --- Atari preprocessing (ignored for non-Atari envs)
+    frame_skip: int = 4  # repeat each action; max-pool the last two frames
+    noop_max: int = 30  # random no-ops at reset
+    screen_size: int = 84  # square grayscale frames
+    sticky_action_prob: float = 0.25  # ALE v5 default
+    full_action_space: bool = False
+    terminal_on_life_loss: bool = False  # training signal only; returns are reported per game
+    clip_rewards: bool = False  # clip rewards to {-1, 0, 1} (returns are reported unclipped)
+    max_episode_steps: int = 0  # truncate after this many agent steps; 0 = env default (Atari: 27000)
+    backend: str = "auto"  # Atari only: auto | ale_vector | gymnasium
+    # --- partial observability (DRQN paper)
+    flicker_prob: float = 0.0  # whole observation zeroed with this probability
+    mask_velocity: bool = False  # CartPole: hide the velocity entries
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to a user's env factory / gym.make
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    torso: str = "auto"  # auto | mlp | nature_cnn  (auto: nature_cnn for image frames)
+    hidden_sizes: tuple[int, ...] = (256, 256)  # MLP torso layers
+    head_hidden: int = 512  # hidden width of the Q head (Nature DQN: 512); 0 = linear head
+    dueling: bool = False  # Wang et al. 2016: V + A - mean(A)
+    noisy: bool = False  # Fortunato et al. 2018: factorised Gaussian layers in the head
+    noisy_sigma0: float = 0.5
+    categorical: bool = False  # C51 (Bellemare et al. 2017)
+    num_atoms: int = 51
+    v_min: float = -10.0
+    v_max: float = 10.0
+    lstm_size: int = 0  # > 0: recurrent core after the torso (DRQN / R2D2)
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    capacity: int = 100_000  # transitions (or sequences for recurrent agents)
+    prioritized: bool = True
+    alpha: float = 0.6  # priority exponent
+    beta: float = 0.4  # initial importance-sampling exponent
+    beta_final: float = 1.0  # beta annealed linearly to this
+    beta_anneal_updates: int = 0  # over this many learner updates; 0 = constant beta
+    priority_eps: float = 1e-6  # added to |TD| before the exponent
+    min_size: int = 1_000  # no sampling before this many items
+    samples_per_insert: float = 0.0  # Reverb-style rate limit; 0 = off
+    spi_error_buffer: float = 0.0  # tolerance around the ratio, in samples; 0 = derived
+    n_step: int = 3
+    gamma: float = 0.99
+    sequence_length: int = 80  # R2D2: learning steps per sequence (burn-in excluded)
+    sequence_period: int = 40  # R2D2: a new sequence starts every this many steps (overlap)
+    burn_in: int = 40  # R2D2: steps replayed without gradient to warm the LSTM state
+    batch_slots: int = 4  # shared-memory batch slots (K prefetched batches)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    batch_size: int = 64
+    optimizer: str = "adam"  # adam | rmsprop
+    lr: float = 1e-4
+    adam_eps: float = 1.5e-4
+    max_grad_norm: float = 10.0  # 0 = no clipping
+    double_q: bool = True
+    huber_delta: float = 1.0
+    target_update_period: int = 1_000  # updates between target-network syncs
+    train_every: int = 1  # local mode: env steps (per vector step) between updates
+    updates_per_train: int = 1  # local mode: updates each time training runs
+    publish_every: int = 10  # updates between weight publications
+    checkpoint_every_updates: int = 0  # 0 = off
+    checkpoint_every_seconds: float = 300.0  # 0 = off
+    prefetch: int = 2  # sample requests kept in flight (distributed learner)
+    max_nonfinite_in_row: int = 100  # stop with exit code 3 after this many non-finite losses in a row
+    # --- R2D2 / DRQN
+    value_rescale: bool = False  # h(x) = sign(x)(sqrt(|x|+1)-1) + eps x
+    rescale_eps: float = 1e-3
+    priority_eta: float = 0.9  # sequence priority: eta max|d| + (1-eta) mean|d|
+    stored_state: bool = True  # R2D2 stored-state vs zero-state start
+    drqn_update: str = "none"  # none | sequential | random (DRQN bootstrapped updates)
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    num_actors: int = 1  # actors in the run (spreads the Ape-X epsilon ladder)
+    exploration: str = "linear"  # linear | apex | none  (none: noisy nets)
+    eps_start: float = 1.0  # linear decay (single-process DQN)
+    eps_end: float = 0.05
+    eps_decay_steps: int = 10_000
+    apex_eps: float = 0.4  # Ape-X: eps_i = apex_eps ** (1 + apex_alpha * i / (N - 1))
+    apex_alpha: float = 7.0
+    flush_every: int = 50  # transitions batched per insert message
+    sync_every: int = 400  # env steps between weight polls
+    eval_epsilon: float = 0.001  # evaluator / eval command
+    eval_episodes: int = 10
+    eval_every_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    kind: str = "ipc"  # ipc | tcp
+    host: str = "127.0.0.1"  # tcp bind/connect address
+    base_port: int = 15_550  # tcp: replay = base, replay-sample = base + 1, ...
+    ipc_dir: str = ""  # '' = $XDG_RUNTIME_DIR or /tmp, then apex-local/<run_id> (mode 0700)
+    send_hwm: int = 64  # messages queued per socket before a sender blocks
+    send_timeout_ms: int = 200  # a blocked send gives up after this (so signals are handled)
+    max_message_bytes: int = 256 * 1024 * 1024  # ZMQ_MAXMSGSIZE on receiving sockets
+    request_timeout_ms: int = 2_000  # learner sample request retry (Lazy Pirate)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    base_port: int = 9_400  # replay = base, learner = base+1, evaluator = base+2, paramserver = base+3, actor i = base+10+i
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    @property
+    def recurrent(self) -> bool:
+        return self.network.lstm_size > 0
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}  # type: ignore[misc]
+_SECTION_TYPES = {
+    "run": RunConfig, "env": EnvConfig, "network": NetworkConfig, "replay": ReplayConfig,
+    "learner": LearnerConfig, "actor": ActorConfig, "transport": TransportConfig,
+    "metrics": MetricsConfig,
+}
+
+# --------------------------------------------------------------------------- validation rules
+
+_CHOICES = {
+    ("run", "method"): ("dqn", "rainbow", "apex", "r2d2", "drqn", "gorila"),
+    ("env", "backend"): ("auto", "ale_vector", "gymnasium"),
+    ("network", "torso"): ("auto", "mlp", "nature_cnn"),
+    ("learner", "optimizer"): ("adam", "rmsprop"),
+    ("learner", "drqn_update"): ("none", "sequential", "random"),
+    ("actor", "exploration"): ("linear", "apex", "none"),
+    ("transport", "kind"): ("ipc", "tcp"),
+}
+# (min, max, inclusive-min) for numbers; None = unbounded
+_RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("run", "max_env_steps"): (1, None), ("run", "max_updates"): (0, None),
+    ("run", "log_every_seconds"): (0, None),
+    ("env", "num_envs"): (1, 4096), ("env", "frame_stack"): (1, 64), ("env", "frame_skip"): (1, 64),
+    ("env", "noop_max"): (0, 1000), ("env", "screen_size"): (8, 512),
+    ("env", "sticky_action_prob"): (0, 1), ("env", "flicker_prob"): (0, 1),
+    ("env", "max_episode_steps"): (0, None),
+    ("network", "noisy_sigma0"): (0, None), ("network", "num_atoms"): (2, 1001),
+    ("network", "lstm_size"): (0, 65536), ("network", "head_hidden"): (0, 65536),
+    ("replay", "capacity"): (1, None), ("replay", "alpha"): (0, None), ("replay", "beta"): (0, 1),
+    ("replay", "beta_final"): (0, 1), ("replay", "beta_anneal_updates"): (0, None),
+    ("replay", "priority_eps"): (0, None), ("replay", "min_size"): (1, None),
+    ("replay", "samples_per_insert"): (0, None), ("replay", "spi_error_buffer"): (0, None),
+    ("replay", "n_step"): (1, 1000), ("replay", "gamma"): (0, 1),
+    ("replay", "sequence_length"): (1, 10_000), ("replay", "sequence_period"): (1, 10_000),
+    ("replay", "burn_in"): (0, 10_000), ("replay", "batch_slots"): (1, 1024),
+    ("learner", "batch_size"): (1, 1_000_000), ("learner", "lr"): (0, None),
+    ("learner", "adam_eps"): (0, None), ("learner", "max_grad_norm"): (0, None),
+    ("learner", "huber_delta"): (0, None), ("learner", "target_update_period"): (1, None),
+    ("learner", "train_every"): (1, None), ("learner", "updates_per_train"): (1, None),
+    ("learner", "publish_every"): (1, None), ("learner", "checkpoint_every_updates"): (0, None),
+    ("learner", "checkpoint_every_seconds"): (0, None), ("learner", "prefetch"): (1, 1024),
+    ("learner", "max_nonfinite_in_row"): (1, None), ("learner", "rescale_eps"): (0, None),
+    ("learner", "priority_eta"): (0, 1),
+    ("actor", "num_actors"): (1, 4096), ("actor", "eps_start"): (0, 1), ("actor", "eps_end"): (0, 1),
+    ("actor", "eps_decay_steps"): (1, None), ("actor", "apex_eps"): (0, 1),
+    ("actor", "apex_alpha"): (0, None), ("actor", "flush_every"): (1, 1_000_000),
+    ("actor", "sync_every"): (1, None), ("actor", "eval_epsilon"): (0, 1),
+    ("actor", "eval_episodes"): (1, None), ("actor", "eval_every_seconds"): (0, None),
+    ("transport", "base_port"): (1024, 65_000), ("transport", "send_hwm"): (1, None),
+    ("transport", "send_timeout_ms"): (1, None), ("transport", "max_message_bytes"): (1024, None),
+    ("transport", "request_timeout_ms"): (1, None),
+    ("metrics", "base_port"): (1024, 65_000),
+}
+# Fields that must be strictly positive (a zero would make no sense).
+_POSITIVE = {("learner", "lr"), ("network", "noisy_sigma0")}
+
+
+def _cross_checks(cfg: Config) -> None:
+    """Checks that involve more than one field."""
+    n, r = cfg.network, cfg.replay
+    if n.categorical and not n.v_min < n.v_max:
+        raise ConfigError(f"network.v_min ({n.v_min}) must be < network.v_max ({n.v_max})")
+    if r.min_size > r.capacity:
+        raise ConfigError(
+            f"replay.min_size ({r.min_size}) exceeds replay.capacity ({r.capacity}): sampling would never start")
+    if cfg.recurrent and cfg.env.frame_stack != 1 and cfg.run.method in ("r2d2", "drqn"):
+        raise ConfigError(
+            f"env.frame_stack={cfg.env.frame_stack} with a recurrent network: R2D2/DRQN use single frames "
+            "(set env.frame_stack: 1)")
+    if cfg.recurrent and r.sequence_period > r.sequence_length:
+        raise ConfigError(
+            f"replay.sequence_period ({r.sequence_period}) > replay.sequence_length ({r.sequence_length}): "
+            "steps between sequences would never be replayed")
+    if not cfg.recurrent and cfg.learner.drqn_update != "none":
+        raise ConfigError("learner.drqn_update needs a recurrent network (network.lstm_size > 0)")
+    if cfg.network.noisy and cfg.actor.exploration != "none":
+        raise ConfigError(
+            f"network.noisy is true but actor.exploration is '{cfg.actor.exploration}': noisy nets switch "
+            "epsilon off (set actor.exploration: none)")
+    if cfg.actor.eps_end > cfg.actor.eps_start:
+        raise ConfigError(
+            f"actor.eps_end ({cfg.actor.eps_end}) > actor.eps_start ({cfg.actor.eps_start})")
+    if cfg.env.mask_velocity and "cartpole" not in cfg.env.id.lower():
+        raise ConfigError(f"env.mask_velocity is only defined for CartPole, not env.id '{cfg.env.id}'")
+    if r.samples_per_insert > 0:
+        from apex_local.replay.rate_limiter import check_rate_limit_settings  # noqa: WPS433
+
+        check_rate_limit_settings(r.samples_per_insert, r.min_size, r.spi_error_buffer,
+                                  batch_size=cfg.learner.batch_size)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(section: str, name: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` to ``tp`` or raise a ConfigError naming the field."""
+    where = f"{section}.{name}"
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    f = None
+                if f is not None and f.is_integer():
+                    return int(f)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [
+                v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        out = tuple(_convert(section, name, item_tp, v) for v in value)
+        if any(v <= 0 for v in out):
+            raise ConfigError(f"{where}: sizes must be positive, got {list(value)!r}")
+        return out
+    if origin in (Mapping, dict) or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _did_you_mean(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _build_section(section: str, raw: Mapping[str, Any]) -> Any:
+    cls = _SECTION_TYPES[section]
+    types = _field_types(cls)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"section '{section}' must be a mapping of fields, got {raw!r}")
+    kwargs = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key not in types:
+            raise ConfigError(
+                f"unknown key '{section}.{key}'{_did_you_mean(key, list(types))}; "
+                f"allowed: {', '.join(sorted(types))}")
+        kwargs[key] = _convert(section, key, types[key], value)
+    obj = cls(**kwargs)
+    for f in fields(cls):
+        value = getattr(obj, f.name)
+        choices = _CHOICES.get((section, f.name))
+        if choices is not None and value not in choices:
+            raise ConfigError(
+                f"{section}.{f.name}: {value!r} is not allowed; choose one of {', '.join(choices)}"
+                f"{_did_you_mean(str(value), choices)}")
+        bounds = _RANGES.get((section, f.name))
+        if bounds is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo, hi = bounds
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+                raise ConfigError(f"{section}.{f.name}: {value!r} is out of range; allowed {rng}")
+            if value != value:  # NaN
+                raise ConfigError(f"{section}.{f.name}: NaN is not allowed")
+        if (section, f.name) in _POSITIVE and value <= 0:
+            raise ConfigError(f"{section}.{f.name}: must be > 0, got {value!r}")
+    return obj
+
+
+def config_from_dict(data: Mapping[str, Any] | None) -> Config:
+    """Build and validate a Config from a plain mapping (as loaded from YAML)."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(data).__name__}")
+    for key in data:
+        if key not in _SECTION_TYPES:
+            raise ConfigError(
+                f"unknown section '{key}'{_did_you_mean(str(key), list(_SECTION_TYPES))}; "
+                f"allowed: {', '.join(_SECTION_TYPES)}")
+    cfg = Config(**{name: _build_section(name, data.get(name) or {}) for name in _SECTION_TYPES})
+    _cross_checks(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, str]:
+    """'section.field=value' -> (section, field, raw value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must look like section.field (e.g. learner.batch_size)")
+    section, name = parts
+    if section not in _SECTION_TYPES:
+        raise ConfigError(
+            f"override {text!r}: unknown section '{section}'{_did_you_mean(section, list(_SECTION_TYPES))}")
+    return section, name, value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str] | Mapping[str, Any] | None) -> dict:
+    """Return a copy of ``data`` with overrides applied.
+
+    ``overrides`` is a list of 'section.field=value' strings (values parsed as YAML scalars
+    later, by the field's type) or a mapping {'section.field': value}.
+    """
+    out = {k: dict(v or {}) for k, v in data.items()}
+    if not overrides:
+        return out
+    items = overrides.items() if isinstance(overrides, Mapping) else [
+        (f"{s}.{f}", v) for s, f, v in map(parse_override, overrides)]
+    for key, value in items:
+        section, name, _ = parse_override(f"{key}=")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Config:
+    """Load a topology config. ``path`` defaults to ``$APEX_CONFIG``; then apply overrides.
+
+    Raises ConfigError for a missing/malformed file, unknown keys (with a did-you-mean),
+    wrong types and out-of-range values.
+    """
+    if path is None:
+        path = os.environ.get("APEX_CONFIG")
+        if not path:
+            raise ConfigError("no config given: pass --config FILE or set APEX_CONFIG")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: malformed YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for key in data:
+        if key not in _SECTION_TYPES:
+            raise ConfigError(
+                f"{p}: unknown section '{key}'{_did_you_mean(str(key), list(_SECTION_TYPES))}; "
+                f"allowed: {', '.join(_SECTION_TYPES)}")
+        if data[key] is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{p}: section '{key}' must be a mapping of fields, got {data[key]!r}")
+    try:
+        return config_from_dict(apply_overrides(data, overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def replace(cfg: Config, **overrides: Any) -> Config:
+    """Return a validated copy with {'section.field': value} overrides."""
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def run_id(cfg: Config) -> str:
+    """The run id: ``APEX_RUN_ID`` if set, else ``run.run_id``, else derived from the config.
+
+    Derived ids hash the resolved config, so every process of one honcho run (same file,
+    same overrides) agrees without coordination. Only [A-Za-z0-9_-] are kept (it is used
+    in shm segment names and paths).
+    """
+    rid = os.environ.get("APEX_RUN_ID") or cfg.run.run_id
+    if not rid:
+        rid = "r" + hashlib.sha1(dump_config(cfg).encode()).hexdigest()[:10]
+    clean = "".join(c for c in rid if c.isalnum() or c in "_-")
+    if not clean or len(clean) > 40:
+        raise ConfigError(f"run id {rid!r} must be 1-40 characters of [A-Za-z0-9_-]")
+    return clean
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.dir.replace("{run_id}", run_id(cfg)))
