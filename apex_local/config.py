@@ -6,6 +6,7 @@ error names the field, the bad value and what is allowed (``ConfigError``; the C
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import hashlib
@@ -150,7 +151,7 @@ class TransportConfig:
 class MetricsConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
-    base_port: int = 9_400  # replay = base, learner = base+1, evaluator = base+2, paramserver = base+3, actor i = base+10+i
+    base_port: int = 9_400  # replay +0, learner +1, evaluator +2, paramserver +3, actor i +100+i
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,7 @@ def _convert(section: str, name: str, tp: Any, value: Any) -> Any:
         if any(v <= 0 for v in out):
             raise ConfigError(f"{where}: sizes must be positive, got {list(value)!r}")
         return out
-    if origin in (Mapping, dict) or tp is dict:
+    if origin in (collections.abc.Mapping, dict) or tp is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if value is None:

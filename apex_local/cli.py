@@ -1,0 +1,128 @@
+"""The ``apex-local`` command.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad input (config, arguments, env id),
+3 the learner stopped after too many non-finite losses in a row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from apex_local.config import ConfigError, dump_config, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("config", nargs="?", help="topology YAML (default: $APEX_CONFIG)")
+    else:
+        p.add_argument("--config", "-c", help="topology YAML (default: $APEX_CONFIG)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one field (repeatable), e.g. --set learner.batch_size=64")
+
+
+def _cmd_check_config(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def _cmd_envs(args) -> int:
+    from apex_local.envs import describe_env_families
+
+    print(describe_env_families())
+    return 0
+
+
+def _cmd_train(args) -> int:
+    if not args.local:
+        print("apex-local train runs the single-process mode and needs --local; the distributed "
+              "topology is launched with `honcho start` (see README).", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from apex_local.api import train
+
+    summary = train(args.config, args.overrides)
+    print(json.dumps(summary, sort_keys=True))
+    return int(summary.get("exit_code", 0))
+
+
+def _cmd_eval(args) -> int:
+    from apex_local.api import evaluate
+
+    result = evaluate(args.config, args.checkpoint, episodes=args.episodes, overrides=args.overrides,
+                      seed=args.seed)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"mean return {result['mean_return']:.2f} over {result['episodes']} episodes "
+              f"(min {min(result['returns']):.1f}, max {max(result['returns']):.1f})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apex-local", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check-config", help="validate a config and print it resolved")
+    _add_config_args(p, positional=True)
+    p.set_defaults(fn=_cmd_check_config)
+
+    p = sub.add_parser("envs", help="list environment families and example ids")
+    p.set_defaults(fn=_cmd_envs)
+
+    p = sub.add_parser("train", help="train in one process (--local)")
+    _add_config_args(p)
+    p.add_argument("--local", action="store_true", help="single-process mode (env + replay + learner)")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("eval", help="play greedy episodes with a checkpoint")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt) or run directory")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=_cmd_eval)
+
+    try:
+        from apex_local.transport.shm import clean  # noqa: F401
+    except ImportError:  # pragma: no cover - transport not built
+        pass
+    else:
+        p = sub.add_parser("clean", help="remove shared memory and ipc files of runs whose processes are gone")
+        p.add_argument("--run-id", default=None, help="only this run")
+        p.add_argument("--dry-run", action="store_true")
+        p.set_defaults(fn=_cmd_clean)
+    return parser
+
+
+def _cmd_clean(args) -> int:
+    from apex_local.transport.shm import clean
+
+    report = clean(run_id=args.run_id, dry_run=args.dry_run)
+    print(report if isinstance(report, str) else json.dumps(report, default=str, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"apex-local: config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the env factory reports bad ids as ValueError
+        from apex_local.errors import BadInputError
+
+        if isinstance(exc, BadInputError):
+            print(f"apex-local: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
