@@ -1,0 +1,37 @@
+"""``make_*`` builders shared by the single-process trainer and the services (STYLE.md #2)."""
+from __future__ import annotations
+
+import numpy as np
+
+from apex_local.agents.learner import Learner, resolve_device
+from apex_local.config import Config
+from apex_local.replay import NStepAccumulator, SequenceAccumulator, make_replay
+
+
+def make_learner(cfg: Config, spec, device: str | None = None) -> Learner:
+    dev = resolve_device(device or cfg.run.device)
+    return Learner(cfg, spec.obs_shape, spec.obs_dtype, spec.num_actions, dev)
+
+
+def make_local_replay(cfg: Config, spec, seed: int = 0, allocator=None):
+    return make_replay(cfg, spec.frame_shape, spec.obs_dtype, spec.frame_stack,
+                       allocator=allocator, rng=np.random.default_rng(seed))
+
+
+def make_accumulator(cfg: Config, spec, num_envs: int):
+    rc = cfg.replay
+    if cfg.recurrent:
+        return SequenceAccumulator(num_envs=num_envs, burn_in=rc.burn_in, sequence_length=rc.sequence_length,
+                                   period=rc.sequence_period, frame_shape=spec.frame_shape,
+                                   frame_dtype=spec.obs_dtype, state_size=cfg.network.lstm_size)
+    return NStepAccumulator(num_envs=num_envs, n=rc.n_step, gamma=rc.gamma, frame_stack=spec.frame_stack,
+                            frame_shape=spec.frame_shape, frame_dtype=spec.obs_dtype)
+
+
+def push_chunk(replay, acc, actor_id: int = 0) -> int:
+    """Flush the accumulator into an in-process replay; returns items inserted."""
+    chunk = acc.flush()
+    if chunk is None:
+        return 0
+    chunk.pop("q", None)
+    return replay.insert(actor_id, chunk)
