@@ -121,7 +121,7 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class ActorConfig:
-    num_actors: int = 1  # actors in the run (spreads the Ape-X epsilon ladder)
+    num_actors: int = 0  # N > 0: the paper's exact Ape-X ladder over N actors; 0: prefix-covering ladder
     exploration: str = "linear"  # linear | apex | none  (none: noisy nets)
     eps_start: float = 1.0  # linear decay (single-process DQN)
     eps_end: float = 0.05
@@ -216,7 +216,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("learner", "checkpoint_every_seconds"): (0, None), ("learner", "prefetch"): (1, 1024),
     ("learner", "max_nonfinite_in_row"): (1, None), ("learner", "rescale_eps"): (0, None),
     ("learner", "priority_eta"): (0, 1),
-    ("actor", "num_actors"): (1, 4096), ("actor", "eps_start"): (0, 1), ("actor", "eps_end"): (0, 1),
+    ("actor", "num_actors"): (0, 4096), ("actor", "eps_start"): (0, 1), ("actor", "eps_end"): (0, 1),
     ("actor", "eps_decay_steps"): (1, None), ("actor", "apex_eps"): (0, 1),
     ("actor", "apex_alpha"): (0, None), ("actor", "flush_every"): (1, 1_000_000),
     ("actor", "sync_every"): (1, None), ("actor", "eval_epsilon"): (0, 1),

@@ -60,7 +60,7 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
     replay = make_local_replay(cfg, spec, seed=cfg.run.seed)
     acc = make_accumulator(cfg, spec, n_envs)
     policy = Policy(learner.online, n_envs, seed=cfg.run.seed + 1, noise=True)
-    eps_of = EpsilonSchedule(cfg.actor)
+    eps_of = EpsilonSchedule(cfg.actor, 0, n_envs)
     status = StatusLine(cfg.run.log_every_seconds, out)
     out_dir = run_dir(cfg)
     lc = cfg.learner
@@ -112,9 +112,9 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
             if lc.checkpoint_every_seconds > 0 and time.monotonic() - last_ckpt > lc.checkpoint_every_seconds:
                 save_checkpoint(out_dir / CHECKPOINT_NAME, _ckpt_state(cfg, learner, env_steps, episodes))
                 last_ckpt = time.monotonic()
-            rec.set("apex_actor_epsilon", eps)
+            rec.set("apex_actor_epsilon", float(np.mean(eps)))
             status.maybe(env_steps, learner.updates,
-                         f"replay={replay.size} eps={eps:.3f} return={_mean(returns, 20)} "
+                         f"replay={replay.size} eps={np.mean(eps):.3f} return={_mean(returns, 20)} "
                          f"loss={metrics.get('loss', float('nan')):.4f}")
     except NonFiniteLossError as exc:
         print(f"[local] stopping: {exc}", file=sys.stderr, flush=True)

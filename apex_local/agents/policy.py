@@ -12,21 +12,52 @@ from apex_local.config import ActorConfig
 from apex_local.exploration import apex_epsilon, epsilon_greedy, linear_epsilon
 
 
+def ladder_position(slot: int) -> float:
+    """Position in [0, 1] of exploration slot ``slot`` on a prefix-covering ladder.
+
+    0, 1, then the van der Corput sequence 1/2, 1/4, 3/4, 1/8, 5/8, ...: any first N slots
+    (N >= 2) include both ends and spread evenly between them, so actors started by
+    ``honcho start -c actor=N`` cover [0.4^8, 0.4] without knowing N.
+    """
+    if slot <= 1:
+        return float(slot)
+    k, pos, denom = slot - 1, 0.0, 1.0
+    while k:
+        denom *= 2
+        pos += (k & 1) / denom
+        k >>= 1
+    return pos
+
+
 class EpsilonSchedule:
-    """Epsilon for an actor: linear decay (single-process DQN), the Ape-X ladder, or 0 (noisy)."""
+    """Per-env epsilon for an actor: linear decay (single-process DQN), the Ape-X ladder, or 0.
 
-    def __init__(self, actor_cfg: ActorConfig, index: int = 0, num_actors: int | None = None) -> None:
+    Ape-X (Horgan et al. 2018 §4): eps_i = 0.4^(1 + 7 i / (N - 1)) over the N exploring
+    slots. A slot is one env of one actor (actor ``index`` owns slots index*M .. index*M+M-1
+    for M envs). With ``actor.num_actors`` = N > 0 the ladder is the paper's, exactly, over
+    N*M slots; with 0 (the default) it is the prefix-covering ladder of ``ladder_position``.
+    """
+
+    def __init__(self, actor_cfg: ActorConfig, index: int = 0, num_envs: int = 1) -> None:
         self.cfg = actor_cfg
-        self.index = index
-        self.num_actors = num_actors or actor_cfg.num_actors
+        slots = index * num_envs + np.arange(num_envs)
+        c = actor_cfg
+        if c.num_actors > 0:
+            total = c.num_actors * num_envs
+            if index >= c.num_actors:
+                raise ValueError(f"actor index {index} >= actor.num_actors={c.num_actors}; set "
+                                 "actor.num_actors to the number of actors, or 0 for the open-ended ladder")
+            self.ladder = np.array([apex_epsilon(int(s), total, c.apex_eps, c.apex_alpha) for s in slots])
+        else:
+            pos = np.array([ladder_position(int(s)) for s in slots])
+            self.ladder = c.apex_eps ** (1.0 + c.apex_alpha * pos)
 
-    def __call__(self, env_steps: int) -> float:
+    def __call__(self, env_steps: int):
         c = self.cfg
         if c.exploration == "none":
             return 0.0
         if c.exploration == "apex":
-            # Horgan et al. 2018 §4: eps_i = 0.4^(1 + 7 i / (N - 1))
-            return float(apex_epsilon(self.index, self.num_actors, c.apex_eps, c.apex_alpha))
+            return self.ladder
         return float(linear_epsilon(env_steps, c.eps_start, c.eps_end, c.eps_decay_steps))
 
 
