@@ -1,0 +1,203 @@
+"""ZeroMQ sockets of a run: endpoints, socket options, binding, sending and receiving messages.
+
+The only place (with client.py and board.py) that imports zmq; services get sockets from
+`make_socket` and never touch zmq constants.
+
+Endpoints (`endpoints`)::
+
+    role            ipc (default)                          tcp (transport.kind == 'tcp')
+    replay          ipc://<run dir>/replay.sock            tcp://<host>:<base_port + 0>   actors PUSH inserts
+    replay_sample   ipc://<run dir>/replay_sample.sock     tcp://<host>:<base_port + 1>   learner DEALER <-> ROUTER
+    paramserver     ipc://<run dir>/paramserver.sock       tcp://<host>:<base_port + 2>   Gorila gradients
+    weights         ipc://<run dir>/weights.sock           tcp://<host>:<base_port + 3>   weights PUB (remote actors)
+
+Every socket has LINGER 0 (close never hangs), SNDHWM/RCVHWM = transport.send_hwm, and
+reconnects every 100 ms .. 2 s. Sending sockets get SNDTIMEO = transport.send_timeout_ms, so
+a blocked send returns (False) and the caller can check for a shutdown signal; receiving
+sockets get MAXMSGSIZE = transport.max_message_bytes (a bigger frame drops the peer's
+connection). PUSH sockets set IMMEDIATE (never queue into a connection that is not up);
+ROUTER sockets set ROUTER_MANDATORY, so a reply to a vanished requester fails (False) and
+the server can free what it reserved for it; SUB sockets CONFLATE (keep only the newest).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket as pysocket
+from typing import Any, Sequence
+
+import zmq
+
+from apex_local.transport.codec import DecodeLimits, ProtocolError
+from apex_local.transport.protocol import DEFAULT_LIMITS, Message, decode
+from apex_local.transport.rundir import run_paths
+
+__all__ = ["ROLE_PORT_OFFSETS", "TransportError", "PortInUseError", "new_context", "endpoints", "make_socket",
+           "bind_or_fail", "send_message", "try_send", "recv_message", "wait_readable"]
+
+ROLE_PORT_OFFSETS = {"replay": 0, "replay_sample": 1, "paramserver": 2, "weights": 3}
+_MAX_IPC_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_TYPES = {"push": zmq.PUSH, "pull": zmq.PULL, "dealer": zmq.DEALER, "router": zmq.ROUTER,
+          "pub": zmq.PUB, "sub": zmq.SUB}
+_SENDING = {"push", "dealer", "router", "pub"}
+_RECEIVING = {"pull", "dealer", "router", "sub"}
+
+
+class TransportError(RuntimeError):
+    """A socket could not be set up; the message names the endpoint."""
+
+
+class PortInUseError(TransportError):
+    def __init__(self, endpoint: str, message: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+
+
+def new_context() -> zmq.Context:
+    """A fresh ZMQ context (one per process; close it with ``ctx.term()`` / ``ctx.destroy(0)``)."""
+    return zmq.Context()
+
+
+def endpoints(cfg: Any, run_id: str) -> dict[str, str]:
+    """role -> endpoint. ``cfg``: a `Config` or `TransportConfig`. For ipc this creates the
+    run's 0700 directory (`rundir.run_paths`)."""
+    t = getattr(cfg, "transport", cfg)
+    if t.kind == "tcp":
+        return {role: f"tcp://{t.host}:{t.base_port + off}" for role, off in ROLE_PORT_OFFSETS.items()}
+    paths = run_paths(cfg, run_id)
+    out = {role: f"ipc://{paths.socket(role)}" for role in ROLE_PORT_OFFSETS}
+    longest = max(out.values(), key=len)
+    if len(longest) - len("ipc://") > _MAX_IPC_PATH:
+        raise TransportError(f"ipc socket path {longest[6:]!r} is longer than {_MAX_IPC_PATH} characters: "
+                             "set transport.ipc_dir to a shorter directory or use a shorter run id")
+    return out
+
+
+def make_socket(ctx: zmq.Context, kind: str, transport: Any, *, bind: str | None = None,
+                connect: str | None = None) -> zmq.Socket:
+    """A socket of ``kind`` (push | pull | dealer | router | pub | sub) with the options in the
+    module docstring, bound (via `bind_or_fail`) or connected when an endpoint is given."""
+    if kind not in _TYPES:
+        raise ValueError(f"socket kind {kind!r}; choose one of {', '.join(_TYPES)}")
+    t = getattr(transport, "transport", transport)
+    sock = ctx.socket(_TYPES[kind])
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, t.send_hwm)
+    sock.setsockopt(zmq.RCVHWM, t.send_hwm)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    if kind in _SENDING:
+        sock.setsockopt(zmq.SNDTIMEO, t.send_timeout_ms)
+    if kind in _RECEIVING:
+        sock.setsockopt(zmq.MAXMSGSIZE, t.max_message_bytes)
+    if kind == "push":
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    if kind == "router":
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if kind == "sub":
+        sock.setsockopt(zmq.CONFLATE, 1)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    try:
+        if bind:
+            bind_or_fail(sock, bind)
+        if connect:
+            sock.connect(connect)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def _ipc_in_use(path: str) -> bool:
+    """True if a process accepts connections on the unix socket at ``path``."""
+    probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
+    finally:
+        probe.close()
+
+
+def bind_or_fail(sock: zmq.Socket, endpoint: str) -> None:
+    """Bind, or raise `PortInUseError` naming the endpoint. For ipc, a socket file with a live
+    listener is an error (ZMQ would silently steal it); a stale file is removed first."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        if os.path.lexists(path):
+            if _ipc_in_use(path):
+                raise PortInUseError(endpoint, f"cannot bind {endpoint}: a live process is listening on {path} "
+                                               "(another process of this run id is running? see `apex-local clean`)")
+            os.unlink(path)  # stale file of a process that died
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            port = endpoint.rsplit(":", 1)[-1]
+            raise PortInUseError(endpoint, f"cannot bind {endpoint}: port {port} is already in use (another run or "
+                                           "program); stop it or pick another transport.base_port") from None
+        raise TransportError(f"cannot bind {endpoint}: {exc}") from None
+
+
+def send_message(sock: zmq.Socket, msg: Message, *, identity: bytes | None = None, block: bool = True) -> bool:
+    """Send ``msg``. False when the send timed out (SNDTIMEO), would block (``block=False``),
+    or the ROUTER peer ``identity`` is gone.
+
+    Zero-copy: arrays of 64 KiB and more are handed to ZMQ by reference and read later by its
+    I/O thread, so do not modify them after sending (send fresh arrays, as the accumulators do).
+    """
+    frames = msg.encode()
+    if identity is not None:
+        frames = [identity, *frames]
+    try:
+        sock.send_multipart(frames, flags=0 if block else zmq.NOBLOCK, copy=False)
+        return True
+    except zmq.Again:
+        return False
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EHOSTUNREACH:
+            return False
+        raise
+
+
+def try_send(sock: zmq.Socket, data: Any, *, block: bool = True) -> bool:
+    """Send one frame; False on timeout."""
+    try:
+        sock.send(data, flags=0 if block else zmq.NOBLOCK, copy=True)
+        return True
+    except zmq.Again:
+        return False
+
+
+def recv_message(sock: zmq.Socket, limits: DecodeLimits = DEFAULT_LIMITS, *, timeout_ms: int = 0,
+                 router: bool = False) -> tuple[bytes | None, Message] | None:
+    """(identity or None, message), or None if nothing arrived within ``timeout_ms``.
+
+    Raises `ProtocolError` for a bad message (it is consumed; ``exc.identity`` names the ROUTER
+    peer so the server may answer with an `Error`)."""
+    if timeout_ms > 0 and not sock.poll(timeout_ms, zmq.POLLIN):
+        return None
+    try:
+        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    identity = None
+    if router:
+        identity, frames = frames[0].bytes, frames[1:]
+    try:
+        return identity, decode(frames, limits)
+    except ProtocolError as exc:
+        exc.identity = identity
+        raise
+
+
+def wait_readable(socks: Sequence[zmq.Socket], timeout_ms: int) -> list[zmq.Socket]:
+    """The sockets of ``socks`` with a message waiting, after at most ``timeout_ms``."""
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    return [s for s, _ in poller.poll(timeout_ms)]
