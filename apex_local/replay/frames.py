@@ -1,0 +1,251 @@
+"""Frames stored once: one global frame ring plus a per-stream map ``seq -> frame id``.
+
+docs/architecture.md "Replay: frames stored once". Ape-X (Horgan et al. 2018) stores
+1-2M transitions of stacked 84x84 Atari frames; storing each stack would cost k times the
+frame bytes (twice, with next_obs). Here every env stream (actor_id, env index) numbers its
+frames (``seq``); each new frame is written once into a global ring, and items reference
+frames. On insert the references (stream-local ``seq``) are resolved to global frame ids
+(``gid``: the running count of frames ever written, so slot = gid % capacity)::
+
+    ring slot:   0     1     2   ...   C-1 | C (always zeros: the padding frame, gid -1)
+    gid:       0,C,2C 1,C+1  ...           |
+    a gid is still held  <=>  gid >= written - C      (the ring overwrites oldest first)
+
+An item is valid while all its frames are held. Within one stream, frames arrive in seq
+order, so an item's oldest frame is also its smallest gid.
+
+Every array of fixed size comes from an injectable ``allocator(name, shape, dtype)`` so
+the replay server can put storage in shared memory. The per-stream windows (a few KiB per
+stream, growing with the number of streams) are ordinary process-local arrays; they go
+into ``state_dict`` so a snapshot restores them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+__all__ = ["Allocator", "ChunkError", "FrameStore", "default_allocator", "layout_nbytes"]
+
+Allocator = Callable[[str, tuple, np.dtype], np.ndarray]
+Layout = list[tuple[str, tuple, np.dtype]]
+
+
+class ChunkError(ValueError):
+    """An insert chunk that cannot be stored; the message names the offending field.
+
+    Raised before anything is written: the table is unchanged after a rejected chunk.
+    """
+
+
+def default_allocator(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Process-local zeroed memory (lazily committed by the OS, like shared memory)."""
+    return np.zeros(shape, dtype=dtype)
+
+
+def layout_nbytes(layout: Layout) -> int:
+    """Total bytes of a ``[(name, shape, dtype)]`` layout."""
+    return int(sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize for _, shape, dt in layout))
+
+
+@dataclass
+class FramePlan:
+    """The outcome of ``FrameStore.prepare``: everything ``commit`` needs, nothing written yet."""
+
+    gid: np.ndarray  # (F,) gids the chunk's frames will get
+    keys: list  # (actor_id, stream) of each stream in the chunk
+    rows: np.ndarray  # window row of each stream, -1 = new stream
+    restarted: np.ndarray  # (streams,) bool: seqs went backwards, start a fresh window
+    frame_loc: np.ndarray  # (F,) index into keys of each frame's stream
+    refs: list  # resolved gid arrays, one per reference field
+
+
+_SEQ_LIMIT = 1 << 40  # seqs are < 2^40 so (stream index, seq) packs into one int64 key
+
+
+class FrameStore:
+    """A ring of ``capacity`` frames plus, per stream, a window of the last ``stream_window``
+    seqs mapped to gids.
+
+    A reference is resolvable while its seq is within the stream's window and its frame is
+    still in the ring. A stream whose frame seqs go backwards (the actor restarted) starts
+    a fresh window: references to the old incarnation's frames become unknown.
+    """
+
+    def __init__(self, capacity: int, frame_shape: tuple, frame_dtype, *, stream_window: int = 1024,
+                 allocator: Allocator = default_allocator) -> None:
+        if int(capacity) < 1:
+            raise ValueError(f"frame capacity must be >= 1, got {capacity!r}")
+        if int(stream_window) < 1:
+            raise ValueError(f"stream_window must be >= 1, got {stream_window!r}")
+        self.capacity = int(capacity)
+        self.frame_shape = tuple(int(d) for d in frame_shape)
+        self.frame_dtype = np.dtype(frame_dtype)
+        self.window = int(stream_window)
+        (name, shape, dtype), = self.layout(self.capacity, self.frame_shape, self.frame_dtype)
+        self.frames = allocator(name, shape, dtype)
+        self.frames[self.capacity] = 0  # the padding frame (gid -1), never written again
+        self.written = 0  # frames ever written = the next gid
+        self._rows: dict[tuple[int, int], int] = {}
+        self._win_seq = np.full((0, self.window), -1, np.int64)
+        self._win_gid = np.zeros((0, self.window), np.int64)
+        self._last_seq = np.zeros(0, np.int64)
+
+    @staticmethod
+    def layout(capacity: int, frame_shape: tuple, frame_dtype) -> Layout:
+        """The allocator calls ``__init__`` makes: ring of ``capacity`` frames + 1 zero frame."""
+        return [("frames", (int(capacity) + 1, *map(int, frame_shape)), np.dtype(frame_dtype))]
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._rows)
+
+    # ------------------------------------------------------------------ insert
+    def prepare(self, actor_id: int, frame_stream: np.ndarray, frame_seq: np.ndarray,
+                item_stream: np.ndarray, refs: list[tuple[str, np.ndarray]]) -> FramePlan:
+        """Resolve each ``refs`` array (B, L) of seqs (-1 = padding) of items of ``item_stream``
+        to gids, as if the chunk's frames (``frame_stream``, ``frame_seq``) were written first.
+
+        Raises ChunkError (nothing changed) for non-increasing seqs within a stream, or a
+        reference to a seq the store does not hold after this chunk (never sent, outside the
+        stream window, or overwritten in the ring). Vectorised over streams and fields.
+        """
+        n_new = frame_seq.shape[0]
+        if n_new > self.capacity:
+            raise ChunkError(f"frames: {n_new} frames exceed the frame ring capacity {self.capacity}")
+        for name, a in [("frame_seq", frame_seq), *refs]:
+            if a.size and a.max() >= _SEQ_LIMIT:
+                raise ChunkError(f"{name}: seqs must be < 2**40, got {a.max()}")
+        gid = self.written + np.arange(n_new, dtype=np.int64)
+        held_from = self.written + n_new - self.capacity  # gids below this are gone after commit
+        streams, inv = np.unique(np.concatenate([frame_stream, item_stream]), return_inverse=True)
+        keys = [(int(actor_id), s) for s in streams.tolist()]
+        rows = np.array([self._rows.get(k, -1) for k in keys], np.int64)
+        f_loc, i_loc = inv[:n_new], inv[n_new:]
+        # chunk frames sorted by (stream, seq); the stable sort keeps chunk order within a stream
+        order = np.argsort(f_loc, kind="stable")
+        skey = (f_loc * _SEQ_LIMIT + frame_seq)[order]
+        if n_new > 1 and np.any(skey[1:] <= skey[:-1]):
+            bad = int(streams[f_loc[order][1:][skey[1:] <= skey[:-1]][0]])
+            raise ChunkError(f"frame_seq: seqs of stream {bad} must increase strictly within a chunk")
+        sgid = gid[order]
+        restarted = np.zeros(streams.size, bool)
+        if n_new:  # a stream whose first seq is not past its last one restarted (new actor process)
+            grp = f_loc[order]
+            first = np.flatnonzero(np.r_[True, grp[1:] != grp[:-1]])
+            g = grp[first]
+            known = rows[g] >= 0
+            last = np.full(g.size, -1, np.int64)
+            last[known] = self._last_seq[rows[g][known]]
+            restarted[g] = known & (frame_seq[order][first] <= last)
+        window_ok = (rows >= 0) & ~restarted
+        out = []
+        for name, r in refs:
+            real = r >= 0
+            seq = r[real]
+            loc = np.broadcast_to(i_loc[:, None], r.shape)[real]
+            got = np.empty(seq.size, np.int64)
+            found = np.zeros(seq.size, bool)
+            if n_new:
+                qkey = loc * _SEQ_LIMIT + seq
+                pos = np.minimum(np.searchsorted(skey, qkey), n_new - 1)
+                found = skey[pos] == qkey
+                got[found] = sgid[pos[found]]
+            miss = np.flatnonzero(~found & window_ok[loc])
+            if miss.size:
+                row, want = rows[loc[miss]], seq[miss]
+                slot = want % self.window
+                wgid = self._win_gid[row, slot]
+                ok = (self._win_seq[row, slot] == want) & (wgid >= held_from)
+                got[miss[ok]] = wgid[ok]
+                found[miss[ok]] = True
+            if not found.all():
+                j = np.flatnonzero(~found)[0]
+                raise ChunkError(
+                    f"{name}: stream {int(streams[loc[j]])} references frame seq {int(seq[j])}, which the replay "
+                    f"does not hold (never sent, older than the stream window of {self.window}, or overwritten)")
+            gids = np.full(r.shape, -1, np.int64)
+            gids[real] = got
+            out.append(gids)
+        return FramePlan(gid, keys, rows, restarted, f_loc, out)
+
+    def commit(self, plan: FramePlan, frame_seq: np.ndarray, frames: np.ndarray) -> None:
+        """Write the chunk's frames and register their seqs (after ``prepare`` succeeded)."""
+        n_new = plan.gid.size
+        if n_new == 0:
+            return
+        start = self.written % self.capacity
+        first = min(n_new, self.capacity - start)  # contiguous copies, wrapping once
+        self.frames[start:start + first] = frames[:first]
+        self.frames[:n_new - first] = frames[first:]
+        rows = plan.rows.copy()
+        for j in np.flatnonzero(rows < 0):
+            rows[j] = self._add_row(plan.keys[j])
+        fresh = rows[plan.restarted]
+        self._win_seq[fresh] = -1
+        self._last_seq[fresh] = -1
+        frow, slot = rows[plan.frame_loc], frame_seq % self.window
+        # one entry per (row, slot): the last in chunk order, i.e. the newest seq
+        keep = n_new - 1 - np.unique((frow * self.window + slot)[::-1], return_index=True)[1]
+        self._win_seq[frow[keep], slot[keep]] = frame_seq[keep]
+        self._win_gid[frow[keep], slot[keep]] = plan.gid[keep]
+        np.maximum.at(self._last_seq, frow, frame_seq)
+        self.written += n_new
+
+    def _add_row(self, key: tuple[int, int]) -> int:
+        row = len(self._rows)
+        if row == self._win_seq.shape[0]:  # grow x2
+            grow = max(4, row)
+            self._win_seq = np.concatenate([self._win_seq, np.full((grow, self.window), -1, np.int64)])
+            self._win_gid = np.concatenate([self._win_gid, np.zeros((grow, self.window), np.int64)])
+            self._last_seq = np.concatenate([self._last_seq, np.full(grow, -1, np.int64)])
+        self._rows[key] = row
+        return row
+
+    # ------------------------------------------------------------------ read
+    def held(self, gids: np.ndarray) -> np.ndarray:
+        """(B, L) gids -> (B,) True where every referenced frame is still in the ring."""
+        lo = self.written - self.capacity
+        return np.all((gids < 0) | (gids >= lo), axis=-1)
+
+    def gather(self, gids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Frames for ``gids`` of any shape S -> array (*S, *frame_shape); gid -1 -> zeros.
+
+        ``out`` (C-contiguous, right shape and dtype) receives the frames without a copy.
+        """
+        pos = gids % self.capacity
+        pos[gids < 0] = self.capacity
+        shape = (*gids.shape, *self.frame_shape)
+        if out is None:
+            return np.take(self.frames, pos.ravel(), axis=0, mode="clip").reshape(shape)
+        if out.shape != shape or out.dtype != self.frame_dtype:
+            raise ValueError(f"out must be {self.frame_dtype} {shape}, got {out.dtype} {out.shape}")
+        if out.flags.c_contiguous:
+            np.take(self.frames, pos.ravel(), axis=0, mode="clip", out=out.reshape(-1, *self.frame_shape))
+        else:
+            out[...] = self.frames[pos]
+        return out
+
+    # ------------------------------------------------------------------ snapshot
+    def state_dict(self) -> dict:
+        n = len(self._rows)
+        keys = np.array(sorted(self._rows, key=self._rows.get), np.int64).reshape(n, 2)
+        return {"frames": self.frames, "written": self.written, "stream_keys": keys,
+                "win_seq": self._win_seq[:n].copy(), "win_gid": self._win_gid[:n].copy(),
+                "last_seq": self._last_seq[:n].copy()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        frames = np.asarray(state["frames"])
+        if frames.shape != self.frames.shape or frames.dtype != self.frames.dtype:
+            raise ValueError(f"snapshot frames are {frames.dtype} {frames.shape}, this store holds "
+                             f"{self.frames.dtype} {self.frames.shape}")
+        if np.asarray(state["win_seq"]).shape[1:] != (self.window,):
+            raise ValueError(f"snapshot stream window {np.asarray(state['win_seq']).shape[1:]} != ({self.window},)")
+        self.frames[...] = frames
+        self.written = int(state["written"])
+        keys = np.asarray(state["stream_keys"], np.int64).reshape(-1, 2)
+        self._rows = {(int(a), int(s)): i for i, (a, s) in enumerate(keys)}
+        self._win_seq = np.array(state["win_seq"], np.int64)
+        self._win_gid = np.array(state["win_gid"], np.int64)
+        self._last_seq = np.array(state["last_seq"], np.int64)
