@@ -36,6 +36,7 @@ class RunConfig:
     run_id: str = ""  # namespaces shm segments and ipc paths; APEX_RUN_ID overrides; '' = derived
     device: str = "auto"  # auto | cpu | cuda | cuda:N  (learner device; actors always use the CPU)
     log_every_seconds: float = 5.0  # period of the one-line status on stdout
+    torch_threads: int = 0  # torch threads of the learner / local trainer; 0 = auto (1 for MLP nets)
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ _CHOICES = {
 # (min, max, inclusive-min) for numbers; None = unbounded
 _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("run", "max_env_steps"): (1, None), ("run", "max_updates"): (0, None),
-    ("run", "log_every_seconds"): (0, None),
+    ("run", "log_every_seconds"): (0, None), ("run", "torch_threads"): (0, 256),
     ("env", "num_envs"): (1, 4096), ("env", "frame_stack"): (1, 64), ("env", "frame_skip"): (1, 64),
     ("env", "noop_max"): (0, 1000), ("env", "screen_size"): (8, 512),
     ("env", "sticky_action_prob"): (0, 1), ("env", "flicker_prob"): (0, 1),

@@ -8,6 +8,22 @@ from apex_local.config import Config
 from apex_local.replay import NStepAccumulator, SequenceAccumulator, make_replay
 
 
+def set_torch_threads(cfg: Config, role_default: int | None = None) -> int:
+    """``run.torch_threads`` (0 = auto: 1 for MLP torsos, else min(4, cores)). Small nets on
+    few cores are many times slower with more threads (OpenMP spin-waits under load)."""
+    import os
+
+    import torch
+
+    n = cfg.run.torch_threads or role_default
+    if not n:
+        image = cfg.network.torso == "nature_cnn" or (cfg.network.torso == "auto" and "cartpole" not in
+                                                      cfg.env.id.lower() and ":" not in cfg.env.id)
+        n = min(4, os.cpu_count() or 1) if image else 1
+    torch.set_num_threads(n)
+    return n
+
+
 def make_learner(cfg: Config, spec, device: str | None = None) -> Learner:
     dev = resolve_device(device or cfg.run.device)
     return Learner(cfg, spec.obs_shape, spec.obs_dtype, spec.num_actions, dev)
@@ -23,7 +39,8 @@ def make_accumulator(cfg: Config, spec, num_envs: int):
     if cfg.recurrent:
         return SequenceAccumulator(num_envs=num_envs, burn_in=rc.burn_in, sequence_length=rc.sequence_length,
                                    period=rc.sequence_period, frame_shape=spec.frame_shape,
-                                   frame_dtype=spec.obs_dtype, state_size=cfg.network.lstm_size)
+                                   frame_dtype=spec.obs_dtype, state_size=cfg.network.lstm_size,
+                                   gamma=rc.gamma)
     return NStepAccumulator(num_envs=num_envs, n=rc.n_step, gamma=rc.gamma, frame_stack=spec.frame_stack,
                             frame_shape=spec.frame_shape, frame_dtype=spec.obs_dtype)
 

@@ -11,7 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from apex_local.agents.builders import make_accumulator, make_learner, make_local_replay, push_chunk
+from apex_local.agents.builders import (make_accumulator, make_learner, make_local_replay, push_chunk,
+                                       set_torch_threads)
 from apex_local.agents.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from apex_local.agents.evaluation import evaluate_policy
 from apex_local.agents.policy import EpsilonSchedule, Policy
@@ -52,6 +53,7 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
     a greedy mean return reaches it (time-to-solve benchmarks).
     """
     rec = recorder or Recorder()
+    set_torch_threads(cfg)
     t_start = time.monotonic()
     n_envs = cfg.env.num_envs
     venv = make_vector_env(cfg.env, n_envs, seed=cfg.run.seed)
