@@ -108,3 +108,54 @@ def limit_threads(n: int = 1) -> None:
         torch.set_num_interop_threads(n)
     except RuntimeError:
         pass
+
+
+EXIT_NONFINITE = 3
+EXIT_RESOURCE = 4  # a port in use, not enough /dev/shm, a socket path too long
+
+
+class Every:
+    """True once every ``seconds`` (periodic status lines, checkpoints, info requests)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = time.monotonic()
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self.seconds > 0 and now - self.last >= self.seconds:
+            self.last = now
+            return True
+        return False
+
+
+def run_service(ctx: ServiceContext, body) -> int:
+    """Run ``body(shutdown, recorder, pidfile_paths)`` with the shared failure handling:
+    resource errors (port in use, /dev/shm full) exit 4 naming the resource; a non-finite
+    learner exits 3; SIGTERM/SIGINT exit 0 after ``body`` has cleaned up."""
+    from apex_local.errors import BadInputError, NonFiniteLossError
+    from apex_local.metrics import MetricsPortInUse, make_recorder
+    from apex_local.transport import PortInUseError, ShmError, TransportError, register_process, run_paths
+
+    shutdown = Shutdown()
+    recorder = None
+    pid = None
+    try:
+        pid = register_process(run_paths(ctx.cfg, ctx.run_id), ctx.role, ctx.index)
+        recorder = make_recorder(ctx.cfg.metrics, ctx.role, ctx.index)
+        body(shutdown, recorder)
+        return 0
+    except (PortInUseError, MetricsPortInUse, ShmError, TransportError) as exc:
+        print(f"[{ctx.name}] cannot start: {exc}", file=sys.stderr, flush=True)
+        return EXIT_RESOURCE
+    except (ConfigError, BadInputError) as exc:
+        print(f"[{ctx.name}] bad input: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except NonFiniteLossError as exc:
+        print(f"[{ctx.name}] stopping: {exc}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    finally:
+        if recorder is not None and hasattr(recorder, "close"):
+            recorder.close()
+        if pid is not None:
+            pid.close()

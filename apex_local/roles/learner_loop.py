@@ -1,0 +1,148 @@
+"""The Ape-X / R2D2 learner process: samples from the replay server, trains, sends priorities
+back and publishes weights to the shared-memory board.
+
+    learner ──SampleRequest×K──► replay      (K = learner.prefetch requests in flight)
+            ◄──BatchReady(slot)──            copy the slot out, release it, update
+            ──PriorityUpdate──►              (index, generation): stale ones are dropped
+    learner ──publish(flat, version)──► weights board  (every learner.publish_every updates)
+
+The run ends when the actors' env steps (counted by replay, read with InfoRequest) reach
+``run.max_env_steps`` or ``run.max_updates`` is reached: a final checkpoint is written and
+the process exits 0, so honcho takes the run down cleanly.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+
+from apex_local.agents.builders import make_learner
+from apex_local.agents.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from apex_local.config import Config, run_dir
+from apex_local.metrics import NullRecorder, Recorder
+from apex_local.networks import num_flat_parameters
+from apex_local.replay import beta_schedule
+from apex_local.transport import (BatchReady, BatchSlots, Error, Heartbeat, Info, InfoRequest, PriorityUpdate,
+                                  RequestClient, SampleRequest, StaleSlotError, WeightsBoard, endpoints,
+                                  new_context, segment_name)
+from apex_local.transport.shm import ShmError
+
+
+class LearnerService:
+    def __init__(self, cfg: Config, run_id: str, spec, recorder: Recorder | None = None, log=print,
+                 resume: bool = True) -> None:
+        self.cfg, self.run_id, self.log = cfg, run_id, log
+        self.rec = recorder or NullRecorder()
+        self.learner = make_learner(cfg, spec)
+        self.ckpt_path = run_dir(cfg) / CHECKPOINT_NAME
+        self.env_steps = 0
+        if resume and self.ckpt_path.is_file():
+            state = load_checkpoint(self.ckpt_path)
+            self.learner.load_state_dict(state["learner"])
+            self.env_steps = int(state.get("env_steps", 0))
+            log(f"resumed from {self.ckpt_path}: {self.learner.updates} updates, weights v{self.learner.weights_version}")
+        self.board = WeightsBoard.create(segment_name(run_id, "weights"), num_flat_parameters(self.learner.online))
+        self.ctx = new_context()
+        self.client = RequestClient(self.ctx, endpoints(cfg, run_id)["replay_sample"], cfg.transport,
+                                    max_in_flight=cfg.learner.prefetch + 1, on_orphan=self._orphan)
+        self.slots: BatchSlots | None = None
+        self.incarnation = random.getrandbits(62)
+        self.publish()
+        self.metrics: dict[str, float] = {}
+        self.batch_wait = 0.0
+        self.replay_info: dict = {}
+        self.last_update_time = time.monotonic()
+        self.retry_at = 0.0
+        self._info_every = 0.5
+        self._info_last = 0.0
+
+    # ------------------------------------------------------------------ weights
+    def publish(self) -> None:
+        version = self.learner.next_weights_version()
+        self.board.publish(self.learner.flat_weights(), version)
+        self.rec.set("apex_learner_weights_version", version)
+
+    # ------------------------------------------------------------------ batches
+    def _slot_ring(self) -> BatchSlots:
+        if self.slots is None:
+            self.slots = BatchSlots.attach(segment_name(self.run_id, "slots"))
+        return self.slots
+
+    def _orphan(self, msg) -> None:
+        if isinstance(msg, BatchReady):  # a duplicate after a resend: give its slot back
+            try:
+                self._slot_ring().release(msg.slot_id, msg.slot_seq)
+            except (StaleSlotError, ShmError):
+                pass
+
+    def _take_batch(self, msg: BatchReady):
+        """Copy the slot out (the loss must not read shared memory the server may reuse)."""
+        ring = self._slot_ring()
+        view = ring.view(msg.slot_id, msg.slot_seq, msg.epoch)
+        arrays = {k: np.array(v) for k, v in view.items()}
+        if not ring.release(msg.slot_id, msg.slot_seq):
+            return None  # reclaimed while we copied: the copy may be torn
+        return arrays
+
+    def _train_on(self, arrays: dict) -> None:
+        batch = self.learner.to_batch(arrays)
+        result = self.learner.update(batch)
+        if result.skipped:
+            self.rec.inc("apex_learner_nonfinite_losses_total")
+            return
+        prio = result.priorities
+        ok = np.isfinite(prio)
+        self.client.send(PriorityUpdate(index=arrays["index"][ok], generation=arrays["generation"][ok],
+                                        priority=prio[ok].astype(np.float32)))
+        self.metrics = result.metrics
+        self.rec.inc("apex_learner_updates_total")
+        self.rec.set("apex_learner_loss", result.metrics.get("loss", 0.0))
+        self.rec.set("apex_learner_td_abs_mean", result.metrics.get("td_abs_mean", result.metrics.get("loss", 0.0)))
+        self.rec.set("apex_learner_q_mean", result.metrics.get("q_mean", 0.0))
+        if self.learner.updates % self.cfg.learner.publish_every == 0:
+            self.publish()
+
+    # ------------------------------------------------------------------ loop
+    def done(self) -> bool:
+        run = self.cfg.run
+        return self.env_steps >= run.max_env_steps or (run.max_updates > 0 and self.learner.updates >= run.max_updates)
+
+    def step(self) -> None:
+        """One turn of the loop: keep K requests in flight, handle replies, train."""
+        now = time.monotonic()
+        if now - self._info_last > self._info_every and self.client.can_request:
+            self.client.request(InfoRequest())
+            self.client.send(Heartbeat(incarnation=self.incarnation))
+            self._info_last = now
+        while now >= self.retry_at and self.client.in_flight < self.cfg.learner.prefetch:
+            beta = beta_schedule(self.cfg.replay, self.learner.updates)
+            self.client.request(SampleRequest(batch_size=self.cfg.learner.batch_size, beta=beta))
+        t0 = time.monotonic()
+        for msg in self.client.poll(50):
+            if isinstance(msg, BatchReady):
+                self.rec.observe("apex_learner_batch_wait_seconds", time.monotonic() - t0)
+                try:
+                    arrays = self._take_batch(msg)
+                except StaleSlotError:
+                    arrays = None
+                if arrays is not None:
+                    self._train_on(arrays)
+            elif isinstance(msg, Info):
+                self.replay_info = msg.data
+                self.env_steps = max(self.env_steps, int(msg.data.get("env_steps", 0)))
+            elif isinstance(msg, Error):
+                self.retry_at = time.monotonic() + msg.retry_after_ms / 1000.0
+                if msg.reason != "not_ready":
+                    self.log(f"replay refused a request: {msg.reason}: {msg.detail}")
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.ckpt_path, {"config": self.cfg.to_dict(), "learner": self.learner.state_dict(),
+                                         "env_steps": self.env_steps})
+
+    def close(self) -> None:
+        self.client.close()
+        self.ctx.term()
+        if self.slots is not None:
+            self.slots.close()
+        self.board.close()

@@ -1,0 +1,194 @@
+"""The replay server: prioritized replay in shared memory behind two sockets.
+
+    actors ──PUSH──► PULL  inserts (validated; bad ones dropped and counted by reason)
+    learner ─DEALER─► ROUTER  SampleRequest -> BatchReady(slot) | Error(retry_after_ms)
+                              PriorityUpdate (index, generation), InfoRequest -> Info, Heartbeat
+
+What blocks (DESIGN.md §4): while the rate limiter refuses inserts the server stops reading
+the PULL socket, so actors block on their send high-water mark; while it refuses samples (or
+replay is below ``replay.min_size``, or all K batch slots are held by the learner) sample
+requests wait in a queue and are answered with ``Error(retry_after_ms)`` before the learner's
+request timeout, never held silently.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+from apex_local.config import Config
+from apex_local.metrics import NullRecorder, Recorder
+from apex_local.replay import ChunkError, beta_schedule, make_replay, replay_nbytes
+from apex_local.replay.frames import layout_nbytes
+from apex_local.transport import (BatchReady, BatchSlots, DecodeLimits, Error, Heartbeat, Info, InfoRequest, Insert,
+                                  InsertSpec, PriorityUpdate, ProtocolError, SampleRequest, allocator,
+                                  check_free_space, endpoints, make_socket, new_context, recv_message, segment_name,
+                                  send_message, wait_readable)
+from apex_local.transport.codec import REASONS
+
+MAX_MESSAGES_PER_TICK = 64
+
+
+def insert_spec(cfg: Config, spec) -> InsertSpec:
+    r = cfg.replay
+    if cfg.recurrent:
+        return InsertSpec.from_env(spec, unroll_length=r.burn_in + r.sequence_length, lstm_size=cfg.network.lstm_size)
+    return InsertSpec.from_env(spec)
+
+
+class ReplayServer:
+    def __init__(self, cfg: Config, run_id: str, spec, recorder: Recorder | None = None, log=print) -> None:
+        self.cfg, self.run_id, self.spec, self.log = cfg, run_id, spec, log
+        self.rec = recorder or NullRecorder()
+        r, t = cfg.replay, cfg.transport
+        self.batch_size = cfg.learner.batch_size
+        needed = replay_nbytes(cfg, spec.frame_shape, spec.obs_dtype, spec.frame_stack)
+        self._alloc = allocator(segment_name(run_id, "replay"), replace=True)
+        self._slots = None
+        self.ctx = new_context()
+        self.pull = self.router = None
+        try:
+            check_free_space(needed, name=segment_name(run_id, "replay"))
+            self.replay = make_replay(cfg, spec.frame_shape, spec.obs_dtype, spec.frame_stack, spec.num_actions,
+                                      allocator=self._alloc, rng=np.random.default_rng(cfg.run.seed + 7))
+            layout = self.replay.batch_layout(self.batch_size)
+            check_free_space(layout_nbytes(layout) * r.batch_slots, name=segment_name(run_id, "slots"))
+            self._slots = BatchSlots.create(segment_name(run_id, "slots"), layout, r.batch_slots)
+            eps = endpoints(cfg, run_id)
+            self.pull = make_socket(self.ctx, "pull", t, bind=eps["replay"])
+            self.router = make_socket(self.ctx, "router", t, bind=eps["replay_sample"])
+        except BaseException:
+            self.close()
+            raise
+        self.insert_limits = DecodeLimits(max_message_bytes=t.max_message_bytes, insert=insert_spec(cfg, spec),
+                                          kinds=frozenset({"insert"}))
+        self.request_limits = DecodeLimits(max_message_bytes=t.max_message_bytes,
+                                           kinds=frozenset({"sample_request", "priority_update", "info_request",
+                                                            "heartbeat"}))
+        self.pending: deque = deque()  # (identity, SampleRequest, arrival time)
+        self.env_steps = self.episodes = 0
+        self.updates_seen = 0
+        self.learner_incarnation = None
+        self.rejected: dict[str, int] = {}
+        self.rec.set("apex_replay_capacity", r.capacity)
+        for reason in REASONS + ("bad_chunk", "rate_limited"):
+            self.rec.inc("apex_replay_rejected_messages_total", 0, reason=reason)
+        self._answer_within = max(0.005, t.request_timeout_ms / 2000.0)
+
+    # ------------------------------------------------------------------ loop
+    def run(self, shutdown, status=None) -> None:
+        while not shutdown:
+            socks = [self.router] + ([self.pull] if self.replay.can_insert() else [])
+            ready = wait_readable(socks, 20 if not self.pending else 5)
+            if self.pull in ready:
+                self._drain_inserts()
+            if self.router in ready:
+                self._drain_requests()
+            self._serve_pending()
+            self.rec.set("apex_replay_size", self.replay.size)
+            if status is not None:
+                status(self)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.rec.inc("apex_replay_rejected_messages_total", reason=reason)
+        if self.rejected[reason] <= 3 or self.rejected[reason] % 1000 == 0:
+            self.log(f"dropped a message ({reason}, {self.rejected[reason]} so far): {detail[:200]}")
+
+    def _drain_inserts(self) -> None:
+        for _ in range(MAX_MESSAGES_PER_TICK):
+            if not self.replay.can_insert():
+                return
+            try:
+                got = recv_message(self.pull, self.insert_limits)
+            except ProtocolError as exc:
+                self._reject(exc.reason, exc.detail)
+                continue
+            if got is None:
+                return
+            msg = got[1]
+            try:
+                n = self.replay.insert(msg.actor_id, msg.chunk)
+            except ChunkError as exc:
+                self._reject("bad_chunk", str(exc))
+                continue
+            self.env_steps += msg.env_steps
+            self.episodes += len(msg.episode_returns)
+            self.rec.inc("apex_replay_inserted_total", n)
+            self.rec.inc("apex_replay_env_steps_total", msg.env_steps)
+
+    def _drain_requests(self) -> None:
+        for _ in range(MAX_MESSAGES_PER_TICK):
+            try:
+                got = recv_message(self.router, self.request_limits, router=True)
+            except ProtocolError as exc:
+                self._reject(exc.reason, exc.detail)
+                continue
+            if got is None:
+                return
+            identity, msg = got
+            if isinstance(msg, SampleRequest):
+                if msg.batch_size != self.batch_size:
+                    send_message(self.router, Error(request_id=msg.request_id, reason="bad_batch_size",
+                                                    detail=f"batch slots hold {self.batch_size} items "
+                                                           f"(learner.batch_size), asked {msg.batch_size}"),
+                                 identity=identity)
+                    continue
+                self.pending.append((identity, msg, time.monotonic()))
+            elif isinstance(msg, PriorityUpdate):
+                applied = self.replay.update_priorities(msg.index, msg.generation, msg.priority)
+                self.updates_seen += 1
+                self.rec.inc("apex_replay_priority_updates_total", applied)
+                self.rec.inc("apex_replay_stale_priority_updates_total", int(msg.index.size) - applied)
+            elif isinstance(msg, InfoRequest):
+                send_message(self.router, Info(request_id=msg.request_id, data=self.info()), identity=identity)
+            elif isinstance(msg, Heartbeat):
+                if self.learner_incarnation not in (None, msg.incarnation):
+                    self._slots.reclaim_all()  # the learner restarted: its held slots are free again
+                    self.log("learner restarted: reclaimed its batch slots")
+                self.learner_incarnation = msg.incarnation
+
+    def _serve_pending(self) -> None:
+        while self.pending:
+            identity, req, since = self.pending[0]
+            if not self.replay.can_sample(self.batch_size):
+                break
+            slot = self._slots.acquire()
+            if slot is None:
+                break
+            self.pending.popleft()
+            self.replay.sample(self.batch_size, req.beta, out=slot.arrays)
+            self._slots.publish(slot)
+            ok = send_message(self.router, BatchReady(request_id=req.request_id, slot_id=slot.slot_id,
+                                                      slot_seq=slot.seq, epoch=self._slots.epoch,
+                                                      batch_size=self.batch_size), identity=identity)
+            if not ok:  # the requester is gone (restarted): free the slot again
+                self._slots.abort(slot)
+                continue
+            self.rec.inc("apex_replay_sampled_total", self.batch_size)
+        now = time.monotonic()
+        while self.pending and now - self.pending[0][2] > self._answer_within:
+            identity, req, _ = self.pending.popleft()
+            why = (f"replay holds {self.replay.size} items (min {self.replay.min_size})"
+                   if self.replay.size < self.replay.min_size else "rate limited or all batch slots in use")
+            send_message(self.router, Error(request_id=req.request_id, reason="not_ready", detail=why,
+                                            retry_after_ms=50), identity=identity)
+
+    def info(self) -> dict:
+        return {"size": int(self.replay.size), "capacity": int(self.replay.capacity),
+                "inserted": int(self.replay.inserted), "sampled": int(self.replay.sampled),
+                "env_steps": int(self.env_steps), "episodes": int(self.episodes),
+                "rejected": int(sum(self.rejected.values()))}
+
+    def close(self) -> None:
+        for s in (self.pull, self.router):
+            if s is not None:
+                s.close(linger=0)
+        self.ctx.term()
+        if self._slots is not None:
+            self._slots.close()
+        self._alloc.close()
+
+
+__all__ = ["ReplayServer", "beta_schedule", "insert_spec"]

@@ -1,0 +1,56 @@
+"""Learner process: ``python -m services.learner`` (see apex_local/roles/learner_loop.py).
+
+Exits 0 when ``run.max_env_steps`` (actor env steps, counted by replay) or ``run.max_updates``
+is reached, after a final checkpoint, so ``honcho start`` takes the whole run down cleanly.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from apex_local.runtime import Every, parse_service_args, run_service
+
+
+def main(argv: list[str] | None = None) -> int:
+    ctx = parse_service_args("learner", argv, extra=lambda p: p.add_argument(
+        "--fresh", action="store_true", help="ignore an existing checkpoint in run.dir"))
+
+    def body(shutdown, recorder) -> None:
+        from apex_local.agents.builders import set_torch_threads
+        from apex_local.envs import env_spec
+        from apex_local.roles.learner_loop import LearnerService
+
+        cfg = ctx.cfg
+        threads = set_torch_threads(cfg)
+        spec = env_spec(cfg.env)
+        svc = LearnerService(cfg, ctx.run_id, spec, recorder, log=ctx.log, resume=not ctx.args.fresh)
+        ctx.log(f"run {ctx.run_id}: training on {svc.learner.device} ({threads} threads), "
+                f"{cfg.run.max_env_steps} env steps")
+        status, ckpt = Every(cfg.run.log_every_seconds), Every(cfg.learner.checkpoint_every_seconds)
+        last_updates, last_ckpt_updates, t_last = svc.learner.updates, svc.learner.updates, time.monotonic()
+        try:
+            while not shutdown and not svc.done():
+                svc.step()
+                u = svc.learner.updates
+                every_u = cfg.learner.checkpoint_every_updates
+                if ckpt() or (every_u and u - last_ckpt_updates >= every_u):
+                    svc.checkpoint()
+                    last_ckpt_updates = u
+                if status():
+                    now = time.monotonic()
+                    ctx.log(f"updates={u} ({(u - last_updates) / (now - t_last):.0f}/s) "
+                            f"env_steps={svc.env_steps} replay={svc.replay_info.get('size', 0)} "
+                            f"loss={svc.metrics.get('loss', float('nan')):.4f} v{svc.learner.weights_version}")
+                    last_updates, t_last = u, now
+            svc.checkpoint()
+            why = "signal " + shutdown.signal_name if shutdown else (
+                f"reached {svc.env_steps} env steps / {svc.learner.updates} updates")
+            ctx.log(f"stopping ({why}); checkpoint {svc.ckpt_path}")
+        finally:
+            svc.close()
+
+    return run_service(ctx, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

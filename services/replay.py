@@ -1,0 +1,41 @@
+"""Replay server process: ``python -m services.replay`` (see apex_local/roles/replay_server.py)."""
+from __future__ import annotations
+
+import sys
+
+from apex_local.runtime import Every, limit_threads, parse_service_args, run_service
+
+
+def main(argv: list[str] | None = None) -> int:
+    ctx = parse_service_args("replay", argv)
+
+    def body(shutdown, recorder) -> None:
+        from apex_local.envs import env_spec
+        from apex_local.roles.replay_server import ReplayServer
+
+        limit_threads(1)
+        spec = env_spec(ctx.cfg.env)
+        server = ReplayServer(ctx.cfg, ctx.run_id, spec, recorder, log=ctx.log)
+        every = Every(ctx.cfg.run.log_every_seconds)
+        last = {"ins": 0, "smp": 0}
+
+        def status(s) -> None:
+            if every():
+                dt = every.seconds
+                ctx.log(f"size={s.replay.size}/{s.replay.capacity} inserts={(s.replay.inserted - last['ins']) / dt:.0f}/s "
+                        f"samples={(s.replay.sampled - last['smp']) / dt:.0f}/s env_steps={s.env_steps} "
+                        f"rejected={sum(s.rejected.values())}")
+                last.update(ins=s.replay.inserted, smp=s.replay.sampled)
+
+        ctx.log(f"run {ctx.run_id}: serving {spec.env_id} replay (capacity {ctx.cfg.replay.capacity})")
+        try:
+            server.run(shutdown, status)
+        finally:
+            server.close()
+            ctx.log("stopped")
+
+    return run_service(ctx, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
