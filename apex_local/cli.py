@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_eval)
 
     try:
-        from apex_local.transport.shm import clean  # noqa: F401
+        from apex_local.transport import clean  # noqa: F401
     except ImportError:  # pragma: no cover - transport not built
         pass
     else:
@@ -98,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_clean(args) -> int:
-    from apex_local.transport.shm import clean
+    from apex_local.transport import clean
 
     report = clean(run_id=args.run_id, dry_run=args.dry_run)
-    print(report if isinstance(report, str) else json.dumps(report, default=str, indent=1))
+    print(report)
     return 0
 
 

@@ -173,6 +173,8 @@ class PrometheusRecorder(Recorder):
 def check_port_free(host: str, port: int) -> None:
     """Fail fast, naming the port, if ``host:port`` is taken (DESIGN.md §9)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR: connections a scrape left in TIME_WAIT are not a listener
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:

@@ -139,9 +139,10 @@ def run_service(ctx: ServiceContext, body) -> int:
 
     shutdown = Shutdown()
     recorder = None
-    pid = None
+    pid = paths = None
     try:
-        pid = register_process(run_paths(ctx.cfg, ctx.run_id), ctx.role, ctx.index)
+        paths = run_paths(ctx.cfg, ctx.run_id)
+        pid = register_process(paths, ctx.role, ctx.index)
         recorder = make_recorder(ctx.cfg.metrics, ctx.role, ctx.index)
         body(shutdown, recorder)
         return 0
@@ -159,3 +160,8 @@ def run_service(ctx: ServiceContext, body) -> int:
             recorder.close()
         if pid is not None:
             pid.close()
+        if paths is not None:
+            try:
+                os.rmdir(paths.ipc_dir)  # the last process of the run removes the (empty) run dir
+            except OSError:
+                pass

@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         from apex_local.roles.learner_loop import LearnerService
 
         cfg = ctx.cfg
-        threads = set_torch_threads(cfg)
         spec = env_spec(cfg.env)
+        threads = set_torch_threads(cfg, spec)
         svc = LearnerService(cfg, ctx.run_id, spec, recorder, log=ctx.log, resume=not ctx.args.fresh)
         ctx.log(f"run {ctx.run_id}: training on {svc.learner.device} ({threads} threads), "
                 f"{cfg.run.max_env_steps} env steps")

@@ -130,10 +130,6 @@ def test_envs_lists_the_families():
 
 # ---------------------------------------------------------------------- unknown env id
 
-@pytest.mark.xfail(strict=True, reason=(
-    "apex_local/envs/spec.py resolve_env_id raises a plain ValueError for an unknown env.id "
-    "(not apex_local.errors.BadInputError), and cli.main re-raises every non-BadInputError "
-    "exception: `train --local --set env.id=CartPol-v1` exits 1 with a traceback instead of 2"))
 def test_unknown_env_id_exits_2_with_a_suggestion(tmp_path):
     r = cli("train", "--local", "--config", str(ROOT / "configs" / "dqn_cartpole.yaml"),
             "--set", "env.id=CartPol-v1", "--set", f"run.dir={tmp_path}/run", "--set", "run.max_env_steps=10",
@@ -145,21 +141,12 @@ def test_unknown_env_id_exits_2_with_a_suggestion(tmp_path):
 
 # ---------------------------------------------------------------------- clean
 
-CLEAN_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "apex_local/cli.py build_parser imports `clean` from apex_local.transport.shm, but it lives in "
-    "apex_local.transport.rundir; the ImportError is swallowed, so the `clean` subcommand is never "
-    "registered and `apex-local clean --dry-run` exits 2 (invalid choice); once registered, _cmd_clean "
-    "prints the CleanReport through json.dumps(default=str), i.e. as one quoted string with \\n escapes"))
-
-
-@CLEAN_XFAIL
 def test_clean_dry_run_exits_0(tmp_path):
     r = cli("clean", "--dry-run", env={"XDG_RUNTIME_DIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("would remove"), r.stdout  # the report as text, not a JSON string
 
 
-@CLEAN_XFAIL
 def test_clean_dry_run_reports_a_dead_run_and_removes_nothing(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     run_dir = tmp_path / "apex-local" / "clitestdeadrun"

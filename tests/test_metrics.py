@@ -164,10 +164,6 @@ def test_close_frees_the_port_when_never_scraped(recorders):
     recorders.append(PrometheusRecorder(HOST, port, {"role": "replay", "index": "0"}))
 
 
-@pytest.mark.xfail(strict=True, raises=MetricsPortInUse, reason=(
-    "metrics.check_port_free binds without SO_REUSEADDR, so the TIME_WAIT connections a scrape "
-    "leaves on the server port (the HTTP server closes first) make a restarted process fail with "
-    "MetricsPortInUse for ~60 s although nothing listens; start_http_server itself would bind"))
 def test_restart_on_the_same_port_after_a_scrape(recorders):
     port = free_port()
     first = PrometheusRecorder(HOST, port, {"role": "replay", "index": "0"})

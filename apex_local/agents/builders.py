@@ -8,17 +8,16 @@ from apex_local.config import Config
 from apex_local.replay import NStepAccumulator, SequenceAccumulator, make_replay
 
 
-def set_torch_threads(cfg: Config, role_default: int | None = None) -> int:
+def set_torch_threads(cfg: Config, spec) -> int:
     """``run.torch_threads`` (0 = auto: 1 for MLP torsos, else min(4, cores)). Small nets on
     few cores are many times slower with more threads (OpenMP spin-waits under load)."""
     import os
 
     import torch
 
-    n = cfg.run.torch_threads or role_default
+    n = cfg.run.torch_threads
     if not n:
-        image = cfg.network.torso == "nature_cnn" or (cfg.network.torso == "auto" and "cartpole" not in
-                                                      cfg.env.id.lower() and ":" not in cfg.env.id)
+        image = cfg.network.torso == "nature_cnn" or (cfg.network.torso == "auto" and len(spec.frame_shape) >= 2)
         n = min(4, os.cpu_count() or 1) if image else 1
     torch.set_num_threads(n)
     return n

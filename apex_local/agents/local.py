@@ -53,11 +53,11 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
     a greedy mean return reaches it (time-to-solve benchmarks).
     """
     rec = recorder or Recorder()
-    set_torch_threads(cfg)
     t_start = time.monotonic()
     n_envs = cfg.env.num_envs
     venv = make_vector_env(cfg.env, n_envs, seed=cfg.run.seed)
     spec = venv.spec
+    set_torch_threads(cfg, spec)
     learner = make_learner(cfg, spec)
     replay = make_local_replay(cfg, spec, seed=cfg.run.seed)
     acc = make_accumulator(cfg, spec, n_envs)

@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from apex_local.errors import BadInputError  # a ValueError; the CLI exits 2
 from apex_local.envs.spec import EnvSpec
 from apex_local.envs.vector import VectorEnv
 
@@ -169,7 +170,7 @@ class AleVectorEnv(VectorEnv):
                 episodic_life=False, life_loss_info=cfg.terminal_on_life_loss, reward_clipping=False,
                 use_fire_reset=True, **dict(cfg.kwargs))
         except TypeError as exc:
-            raise ValueError(f"env.kwargs {dict(cfg.kwargs)} not accepted by ale_py AtariVectorEnv: {exc} "
+            raise BadInputError(f"env.kwargs {dict(cfg.kwargs)} not accepted by ale_py AtariVectorEnv: {exc} "
                              "(use env.backend: gymnasium for gym.make arguments)") from None
         self._life_loss = cfg.terminal_on_life_loss
         self._lives = np.zeros(num_envs, np.int32)
@@ -177,12 +178,12 @@ class AleVectorEnv(VectorEnv):
         self._steps = np.zeros(num_envs, np.int64)  # agent steps since the game's reset
         n_act = self._venv.single_action_space.n
         if n_act != spec.num_actions:
-            raise ValueError(f"{spec.env_id}: AtariVectorEnv has {n_act} actions, spec says {spec.num_actions}")
+            raise BadInputError(f"{spec.env_id}: AtariVectorEnv has {n_act} actions, spec says {spec.num_actions}")
 
     def _check(self, obs: np.ndarray) -> None:
         want = (self.num_envs, 1, *self.spec.frame_shape)
         if obs.shape != want or obs.dtype != np.uint8:
-            raise ValueError(f"{self.spec.env_id}: AtariVectorEnv returned {obs.dtype} {obs.shape}, "
+            raise BadInputError(f"{self.spec.env_id}: AtariVectorEnv returned {obs.dtype} {obs.shape}, "
                              f"expected uint8 {want}")
 
     def _reset_frames(self, seed: int | None) -> None:

@@ -7,6 +7,7 @@ import importlib
 
 import numpy as np
 
+from apex_local.errors import BadInputError  # a ValueError; the CLI exits 2
 from apex_local.envs.atari import AleVectorEnv, AtariFrameEnv, atari_num_actions
 from apex_local.envs.spec import ATARI_SCORES, EnvSpec, ResolvedId, resolve_env_id
 from apex_local.envs.vector import GymFrameEnv, PyLoopVectorEnv, VectorEnv
@@ -39,7 +40,7 @@ def make_vector_env(env_cfg, num_envs: int | None = None, seed: int = 0) -> Vect
     """
     n = env_cfg.num_envs if num_envs is None else int(num_envs)
     if n < 1:
-        raise ValueError(f"num_envs must be >= 1, got {n}")
+        raise BadInputError(f"num_envs must be >= 1, got {n}")
     resolved = resolve_env_id(env_cfg.id)
     _check_cfg(env_cfg, resolved)
     opts = dict(clip_rewards=env_cfg.clip_rewards, flicker_prob=env_cfg.flicker_prob)
@@ -74,13 +75,13 @@ def _build_all(n: int, build) -> list:
 
 def _check_cfg(cfg, resolved: ResolvedId) -> None:
     if cfg.backend not in _BACKENDS:
-        raise ValueError(f"env.backend {cfg.backend!r} is not one of {', '.join(_BACKENDS)}")
+        raise BadInputError(f"env.backend {cfg.backend!r} is not one of {', '.join(_BACKENDS)}")
     if cfg.frame_stack < 1:
-        raise ValueError(f"env.frame_stack must be >= 1, got {cfg.frame_stack}")
+        raise BadInputError(f"env.frame_stack must be >= 1, got {cfg.frame_stack}")
     if resolved.kind != "atari" and cfg.backend == "ale_vector":
-        raise ValueError(f"env.backend 'ale_vector' is for Atari games only, not env.id {cfg.id!r}")
+        raise BadInputError(f"env.backend 'ale_vector' is for Atari games only, not env.id {cfg.id!r}")
     if resolved.kind == "atari" and cfg.mask_velocity:
-        raise ValueError(f"env.mask_velocity is only defined for CartPole, not env.id {cfg.id!r}")
+        raise BadInputError(f"env.mask_velocity is only defined for CartPole, not env.id {cfg.id!r}")
 
 
 def _atari_backend(cfg) -> str:
@@ -120,7 +121,7 @@ def make_gym_env(env_cfg, resolved: ResolvedId | None = None):
                        disable_env_checker=True, **kwargs)
     if not isinstance(env.action_space, gym.spaces.Discrete):
         env.close()
-        raise ValueError(f"env.id {env_cfg.id!r} has action space {env.action_space}; Q-learning needs "
+        raise BadInputError(f"env.id {env_cfg.id!r} has action space {env.action_space}; Q-learning needs "
                          "a Discrete action space")
     if env_cfg.mask_velocity:
         try:
@@ -136,11 +137,11 @@ def _call_factory(env_id: str, kwargs: dict):
 
     module_name, _, attr = env_id.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"env.id {env_id!r}: a custom env must look like 'package.module:ClassOrFactory'")
+        raise BadInputError(f"env.id {env_id!r}: a custom env must look like 'package.module:ClassOrFactory'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"env.id {env_id!r}: cannot import module {module_name!r} ({exc})") from None
+        raise BadInputError(f"env.id {env_id!r}: cannot import module {module_name!r} ({exc})") from None
     factory = getattr(module, attr, None)
     if factory is None:
         if attr in gym.registry:  # gymnasium's own 'module:EnvId' form: the import registered it
@@ -148,12 +149,12 @@ def _call_factory(env_id: str, kwargs: dict):
         names = [n for n in dir(module) if not n.startswith("_")]
         close = difflib.get_close_matches(attr, names, n=3)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-        raise ValueError(f"env.id {env_id!r}: module {module_name!r} has no attribute {attr!r}{hint}")
+        raise BadInputError(f"env.id {env_id!r}: module {module_name!r} has no attribute {attr!r}{hint}")
     if not callable(factory):
-        raise ValueError(f"env.id {env_id!r}: {attr!r} is not a class or function")
+        raise BadInputError(f"env.id {env_id!r}: {attr!r} is not a class or function")
     env = factory(**kwargs)
     if not isinstance(env, gym.Env):
-        raise ValueError(f"env.id {env_id!r}: {attr}(**env.kwargs) returned {type(env).__name__}, "
+        raise BadInputError(f"env.id {env_id!r}: {attr}(**env.kwargs) returned {type(env).__name__}, "
                          "expected a gymnasium.Env")
     return env
 
@@ -169,7 +170,7 @@ def _gym_layout(env, resolved: ResolvedId, cfg) -> tuple[EnvSpec, int, int | Non
     elif isinstance(space, gym.spaces.Discrete):
         frame, one_hot, dtype = (int(space.n),), int(space.start), np.dtype(np.float32)
     else:
-        raise ValueError(f"env.id {cfg.id!r}: observation space {space} is not supported "
+        raise BadInputError(f"env.id {cfg.id!r}: observation space {space} is not supported "
                          "(use a Box with at least one axis, or Discrete)")
     spec = EnvSpec(obs_shape=(cfg.frame_stack, *frame), frame_shape=frame, frame_stack=cfg.frame_stack,
                    obs_dtype=dtype, num_actions=int(env.action_space.n), is_atari=False, env_id=resolved.env_id)

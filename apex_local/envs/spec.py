@@ -20,6 +20,7 @@ import importlib.util
 import re
 
 import numpy as np
+from apex_local.errors import BadInputError  # a ValueError; the CLI exits 2
 
 __all__ = ["EnvSpec", "ResolvedId", "resolve_env_id", "describe_env_families", "ATARI_SCORES"]
 
@@ -109,7 +110,7 @@ def resolve_env_id(env_id: str) -> ResolvedId:
 
     raw = env_id.strip()
     if not raw:
-        raise ValueError("env.id is empty: give a gymnasium id, an Atari game or 'package.module:Factory'")
+        raise BadInputError("env.id is empty: give a gymnasium id, an Atari game or 'package.module:Factory'")
     games, canonical = _atari_tables()
     if ":" in raw:
         return ResolvedId("custom", raw)
@@ -122,7 +123,7 @@ def resolve_env_id(env_id: str) -> ResolvedId:
     game = games.get(_squash_atari_name(raw))
     if game is not None:
         return ResolvedId("atari", canonical.get(game, f"ALE/{game}-v5"), game)
-    raise ValueError(unknown_id_message(raw))
+    raise BadInputError(unknown_id_message(raw))
 
 
 def unknown_id_message(env_id: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from apex_local.errors import BadInputError  # a ValueError; the CLI exits 2
 from apex_local.envs.spec import EnvSpec
 
 __all__ = ["VectorEnv", "PyLoopVectorEnv", "GymFrameEnv"]
@@ -42,9 +43,9 @@ class VectorEnv:
     def __init__(self, spec: EnvSpec, num_envs: int, seed: int = 0, *,
                  clip_rewards: bool = False, flicker_prob: float = 0.0):
         if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+            raise BadInputError(f"num_envs must be >= 1, got {num_envs}")
         if not 0.0 <= flicker_prob <= 1.0:
-            raise ValueError(f"flicker_prob must be in [0, 1], got {flicker_prob}")
+            raise BadInputError(f"flicker_prob must be in [0, 1], got {flicker_prob}")
         self.spec = spec
         self.num_envs = num_envs
         self._seed = int(seed)
@@ -100,10 +101,10 @@ class VectorEnv:
             raise RuntimeError(f"{self.spec.env_id}: call reset() before step()")
         a = np.asarray(actions)
         if a.shape != (self.num_envs,) or a.dtype.kind not in "iu":
-            raise ValueError(f"{self.spec.env_id}: actions must be integers of shape ({self.num_envs},), "
+            raise BadInputError(f"{self.spec.env_id}: actions must be integers of shape ({self.num_envs},), "
                              f"got {a.dtype} {a.shape}")
         if a.min() < 0 or a.max() >= self.spec.num_actions:
-            raise ValueError(f"{self.spec.env_id}: actions must lie in [0, {self.spec.num_actions}), got {a}")
+            raise BadInputError(f"{self.spec.env_id}: actions must lie in [0, {self.spec.num_actions}), got {a}")
         raw_reward, terminated, truncated, game_over = self._step_frames(a.astype(np.int64, copy=False))
         done = terminated | truncated
         any_done = bool(done.any())
@@ -206,7 +207,7 @@ class GymFrameEnv:
         arr = np.asarray(obs)
         bad_dtype = (arr.dtype != self._dtype) if self._dtype == np.uint8 else (arr.dtype.kind not in "fiub")
         if arr.shape != self._shape or bad_dtype:
-            raise ValueError(
+            raise BadInputError(
                 f"env {self._id!r} returned an observation of shape {arr.shape} and dtype {arr.dtype}, "
                 f"expected shape {self._shape} and dtype {self._dtype} (from its observation_space)")
         out[...] = arr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
+from apex_local.errors import BadInputError  # a ValueError; the CLI exits 2
 
 __all__ = ["MaskVelocity", "CARTPOLE_KEPT"]
 
@@ -30,7 +31,7 @@ class MaskVelocity(gym.ObservationWrapper):
         super().__init__(env)
         space = env.observation_space
         if not isinstance(space, gym.spaces.Box) or space.shape != (4,):
-            raise ValueError(f"env.mask_velocity expects CartPole's Box(4,) observations; "
+            raise BadInputError(f"env.mask_velocity expects CartPole's Box(4,) observations; "
                              f"{env_id!r} has {space}")
         self._keep = np.asarray(CARTPOLE_KEPT)
         self.observation_space = gym.spaces.Box(space.low[self._keep], space.high[self._keep],

@@ -12,6 +12,7 @@ request timeout, never held silently.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 
@@ -48,6 +49,7 @@ class ReplayServer:
         self._slots = None
         self.ctx = new_context()
         self.pull = self.router = None
+        self._bound: list[str] = []
         try:
             check_free_space(needed, name=segment_name(run_id, "replay"))
             self.replay = make_replay(cfg, spec.frame_shape, spec.obs_dtype, spec.frame_stack, spec.num_actions,
@@ -56,6 +58,7 @@ class ReplayServer:
             check_free_space(layout_nbytes(layout) * r.batch_slots, name=segment_name(run_id, "slots"))
             self._slots = BatchSlots.create(segment_name(run_id, "slots"), layout, r.batch_slots)
             eps = endpoints(cfg, run_id)
+            self._bound = [eps["replay"], eps["replay_sample"]]
             self.pull = make_socket(self.ctx, "pull", t, bind=eps["replay"])
             self.router = make_socket(self.ctx, "router", t, bind=eps["replay_sample"])
         except BaseException:
@@ -186,6 +189,12 @@ class ReplayServer:
             if s is not None:
                 s.close(linger=0)
         self.ctx.term()
+        for ep in self._bound:  # ZMQ leaves ipc socket files behind
+            if ep.startswith("ipc://"):
+                try:
+                    os.unlink(ep[len("ipc://"):])
+                except FileNotFoundError:
+                    pass
         if self._slots is not None:
             self._slots.close()
         self._alloc.close()

@@ -1,0 +1,120 @@
+"""Ape-X as real processes: replay + learner + actors + evaluator, through plain subprocesses
+and through honcho; bad messages on the replay socket; clean shutdown."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from service_harness import ROOT, Topology
+
+from apex_local.transport import Insert, endpoints
+
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture
+def topo(tmp_path):
+    made = []
+
+    def make(overrides=None, **kw):
+        t = Topology(tmp_path / f"t{len(made)}", overrides, **kw)
+        t.tmp.mkdir(parents=True, exist_ok=True)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.kill_all()
+
+
+def test_apex_processes_learn_and_exit_cleanly_on_sigint(topo):
+    t = topo({"run.max_env_steps": 10**9, "actor.eval_episodes": 5})
+    for role, idx in (("replay", 0), ("learner", 0), ("actor", 0), ("actor", 1), ("evaluator", 0)):
+        t.start(role, idx)
+    t.wait_for(lambda: t.metrics("replay").get("apex_replay_size", 0) >= t.cfg.replay.min_size, 90, "replay fill")
+    t.wait_for(lambda: t.metrics("learner").get("apex_learner_updates_total", 0) > 50, 90, "learner updates")
+    first = {i: t.metrics("actor", i).get("apex_actor_weights_version", 0) for i in (0, 1)}
+    for i in (0, 1):  # each actor adopts newer weights
+        t.wait_for(lambda: t.metrics("actor", i).get("apex_actor_weights_version", 0) > first[i] + 5, 60,
+                   f"actor {i} adopting newer weights")
+    best = t.wait_for(lambda: (r := t.metrics("evaluator").get("apex_evaluator_return", 0)) >= 150 and r, 300,
+                      "evaluation return >= 150 (random CartPole play scores ~22)", interval=1.0)
+    print(f"evaluation return {best}")
+    assert t.metrics("replay").get("apex_replay_sampled_total", 0) > 0
+
+    codes = t.stop(signal.SIGINT, timeout=3.0)
+    assert all(code == 0 for code, _ in codes.values()), (codes, t.dump())
+    assert max(s for _, s in codes.values()) < 3.0, codes
+    assert t.leftovers() == []
+    assert (t.tmp / "run" / "checkpoint.pt").is_file()  # final checkpoint on SIGINT
+
+
+@pytest.mark.skipif(shutil.which("honcho") is None, reason="honcho not installed")
+def test_honcho_start_runs_to_max_env_steps_and_exits_0(topo):
+    t = topo({"run.max_env_steps": 12_000, "replay.min_size": 500})
+    log = t.tmp / "honcho.log"
+    p = subprocess.Popen(["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "-c", "actor=2"],
+                         cwd=ROOT, env=t.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = p.wait(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    text = log.read_text(errors="replace")
+    assert code == 0, text[-4000:]
+    assert "actor.1" in text and "actor.2" in text
+    assert "stopping (reached" in text, text[-4000:]
+    assert t.leftovers() == []
+
+
+def _garbage(cfg, spec_frame_shape):
+    good_frames = np.zeros((2, *spec_frame_shape), np.float32)
+    chunk = {"frames": good_frames, "frame_stream": np.zeros(2, np.int32), "frame_seq": np.arange(2, dtype=np.int64),
+             "stream": np.zeros(1, np.int32), "obs_seq": np.zeros((1, 1), np.int64),
+             "next_seq": np.ones((1, 1), np.int64), "action": np.zeros(1, np.int64),
+             "reward": np.zeros(1, np.float32), "discount": np.ones(1, np.float32)}
+    wrong_shape = dict(chunk, frames=np.zeros((2, 7), np.float32))
+    nan = dict(chunk, reward=np.array([np.nan], np.float32))
+    wrong_dtype = dict(chunk, action=np.zeros(1, np.float64))
+    return {
+        "bad_header": [[b"\x00garbage"], [b"\xff" * 100, b"x"]],
+        "bad_shape": [Insert(actor_id=9, chunk=wrong_shape).encode()],
+        "non_finite": [Insert(actor_id=9, chunk=nan).encode()],
+        "bad_dtype": [Insert(actor_id=9, chunk=wrong_dtype).encode()],
+    }
+
+
+def test_replay_drops_bad_messages_while_a_good_actor_continues(topo):
+    t = topo({"run.max_env_steps": 10**9, "transport.max_message_bytes": 1 << 20})
+    for role in ("replay", "learner", "actor"):
+        t.start(role, 0)
+    t.wait_for(lambda: t.metrics("replay").get("apex_replay_inserted_total", 0) > 0, 90, "first inserts")
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(endpoints(t.cfg, t.run_id)["replay"])
+    cases = _garbage(t.cfg, (4,))
+    for _ in range(20):
+        for frames_list in cases.values():
+            for frames in frames_list:
+                push.send_multipart(frames)
+    push.send(b"\x00" * (2 << 20))  # over MAXMSGSIZE: ZMQ drops the connection, server unaffected
+    before = t.metrics("replay").get("apex_replay_inserted_total", 0)
+    for reason in cases:
+        t.wait_for(lambda: t.metrics("replay").get(
+            f'apex_replay_rejected_messages_total{{index="0",reason="{reason}",role="replay"}}', 0) >= 20, 30,
+            f"rejections counted as {reason}")
+    t.wait_for(lambda: t.metrics("replay").get("apex_replay_inserted_total", 0) > before + 200, 60,
+               "good inserts continuing")
+    push.close()
+    ctx.term()
+    codes = t.stop(signal.SIGTERM)
+    assert all(code == 0 for code, _ in codes.values()), (codes, t.dump())
+    assert t.leftovers() == []
