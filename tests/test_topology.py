@@ -118,3 +118,21 @@ def test_replay_drops_bad_messages_while_a_good_actor_continues(topo):
     codes = t.stop(signal.SIGTERM)
     assert all(code == 0 for code, _ in codes.values()), (codes, t.dump())
     assert t.leftovers() == []
+
+
+def test_pong_pixels_flow_through_shared_memory(topo):
+    """The Atari path: uint8 84x84 frames stored once in shm replay, Nature-CNN learner, actor on
+    AtariVectorEnv. Tiny sizes; checks plumbing, not learning."""
+    t = topo({"replay.capacity": 4000, "replay.min_size": 300, "learner.batch_size": 16, "learner.prefetch": 2,
+              "actor.sync_every": 20, "run.max_env_steps": 10**9, "env.num_envs": 2},
+             base="configs/apex_pong.yaml")
+    for role in ("replay", "learner", "actor"):
+        t.start(role, 0)
+    t.wait_for(lambda: t.metrics("learner").get("apex_learner_updates_total", 0) >= 20, 180, "Pong learner updates")
+    t.wait_for(lambda: t.metrics("actor").get("apex_actor_weights_version", 0) >= 2, 60, "actor adopting weights")
+    rep = t.metrics("replay")
+    assert rep.get("apex_replay_rejected_messages_total", 0) == 0, t.dump()
+    assert rep["apex_replay_size"] >= 300
+    codes = t.stop(signal.SIGTERM)
+    assert all(code == 0 for code, _ in codes.values()), (codes, t.dump())
+    assert t.leftovers() == []
