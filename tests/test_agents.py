@@ -133,3 +133,17 @@ def test_policy_epsilon_per_env_and_recurrent_state_reset():
     assert all(torch.count_nonzero(s) > 0 for s in pol.state)
     pol.reset_state(np.array([True, False, False]))
     assert torch.count_nonzero(pol.state[0][0]) == 0 and torch.count_nonzero(pol.state[0][1]) > 0
+
+
+def test_bootstrap_q_does_not_advance_recurrent_state():
+    learner = Learner(_cfg(**{"network.lstm_size": 8}), (1, 4), np.float32, 2)
+    pol = Policy(learner.online, num_envs=3, seed=0, noise=False)
+    obs = np.ones((3, 1, 4), np.float32)
+    pol.act(obs, 0.0)
+    before = tuple(s.clone() for s in pol.state)
+    q = pol.bootstrap_q(obs[[0, 2]] * 2, np.array([0, 2]))
+    assert q.shape == (2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(before, pol.state))
+    # equals stepping rows 0 and 2 from their current state
+    out, _ = learner.online.step(torch.as_tensor(obs[[0, 2]] * 2), tuple(s[[0, 2]] for s in before))
+    np.testing.assert_allclose(q, out.q.detach().numpy(), rtol=1e-6)

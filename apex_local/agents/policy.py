@@ -83,6 +83,20 @@ class Policy:
         return self.net(torch.as_tensor(obs, device=self.device)).q.float().cpu().numpy()
 
     @torch.no_grad()
+    def bootstrap_q(self, obs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Q of ``obs`` (the final observations of envs ``rows``) for n-step bootstrapping.
+
+        Recurrent nets continue from each row's current state (the state after the last
+        step) without advancing it; call before ``reset_state``."""
+        if not self.net.recurrent:
+            return self.q_values(obs)
+        self.net.train(self.noise)
+        idx = torch.as_tensor(np.asarray(rows), device=self.device)
+        state = tuple(s[idx] for s in self.state)
+        out, _ = self.net.step(torch.as_tensor(obs, device=self.device), state)
+        return out.q.float().cpu().numpy()
+
+    @torch.no_grad()
     def act(self, obs: np.ndarray, epsilon) -> tuple[np.ndarray, np.ndarray, tuple | None]:
         """Returns (actions (N,), q (N, A), state before acting or None)."""
         self.net.train(self.noise)

@@ -109,9 +109,10 @@ class ActorService:
             self._recover(exc, shutdown)
             return
         q_final = None
-        if not self.net.recurrent and trunc.any():
+        if trunc.any():
+            rows = np.flatnonzero(trunc)
             q_final = np.zeros_like(q)
-            q_final[trunc] = self.policy.q_values(info["final_obs"][trunc])
+            q_final[rows] = self.policy.bootstrap_q(info["final_obs"][rows], rows)
         extra = {"state_h": state[0].numpy(), "state_c": state[1].numpy()} if state is not None else {}
         self.acc.step(actions, reward, term, trunc, obs, info["final_obs"], q=q, q_final=q_final, **extra)
         self.policy.reset_state(term | trunc)
