@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                     now = time.monotonic()
                     ctx.log(f"updates={u} ({(u - last_updates) / (now - t_last):.0f}/s) "
                             f"env_steps={svc.env_steps} replay={svc.replay_info.get('size', 0)} "
-                            f"loss={svc.metrics.get('loss', float('nan')):.4f} v{svc.learner.weights_version}")
+                            f"loss={svc.metrics.get('loss', float('nan')):.4f} v{svc.learner.weights_version}"
+                            + (f" q_discrepancy={svc.metrics['q_discrepancy']:.4f}" if "q_discrepancy" in svc.metrics
+                               else ""))
                     last_updates, t_last = u, now
             svc.checkpoint()
             why = "signal " + shutdown.signal_name if shutdown else (

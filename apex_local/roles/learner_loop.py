@@ -21,12 +21,16 @@ from apex_local.agents.builders import make_learner
 from apex_local.agents.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from apex_local.config import Config, run_dir
 from apex_local.metrics import NullRecorder, Recorder
+from apex_local.losses import q_value_discrepancy
 from apex_local.networks import num_flat_parameters
 from apex_local.replay import beta_schedule
 from apex_local.transport import (BatchReady, BatchSlots, Error, Heartbeat, Info, InfoRequest, PriorityUpdate,
                                   RequestClient, SampleRequest, StaleSlotError, WeightsBoard, endpoints,
                                   new_context, segment_name)
 from apex_local.transport.shm import ShmError
+
+
+DISCREPANCY_EVERY = 100  # updates between Q-value discrepancy measurements
 
 
 class LearnerService:
@@ -102,6 +106,12 @@ class LearnerService:
         self.rec.set("apex_learner_q_mean", result.metrics.get("q_mean", 0.0))
         if self.learner.updates % self.cfg.learner.publish_every == 0:
             self.publish()
+        if self.learner.online.recurrent and self.learner.updates % DISCREPANCY_EVERY == 0:
+            # R2D2 §3: Q at the sequence start from the stored state vs a state recomputed by
+            # unrolling the burn-in with the current network (representational drift).
+            d = q_value_discrepancy(self.learner.online, batch, self.cfg.replay.burn_in)
+            self.metrics["q_discrepancy"] = d
+            self.rec.set("apex_learner_q_discrepancy", d)
 
     # ------------------------------------------------------------------ loop
     def done(self) -> bool:
