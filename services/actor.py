@@ -5,12 +5,11 @@ the actor's seed and its place on the Ape-X exploration ladder.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 
-from apex_local.runtime import Every, limit_threads, parse_service_args, run_service
+from apex_local.runtime import Every, exit_now, limit_threads, parse_service_args, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

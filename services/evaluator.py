@@ -4,11 +4,10 @@ noisy layers off) on its own envs and reports the mean return (and the human-nor
 for Atari games with known references)."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 
-from apex_local.runtime import limit_threads, parse_service_args, run_service
+from apex_local.runtime import exit_now, limit_threads, parse_service_args, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -5,10 +5,9 @@ is reached, after a final checkpoint, so ``honcho start`` takes the whole run do
 """
 from __future__ import annotations
 
-import sys
 import time
 
-from apex_local.runtime import Every, parse_service_args, run_service
+from apex_local.runtime import Every, exit_now, parse_service_args, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -1,9 +1,8 @@
 """Replay server process: ``python -m services.replay`` (see apex_local/roles/replay_server.py)."""
 from __future__ import annotations
 
-import sys
 
-from apex_local.runtime import Every, limit_threads, parse_service_args, run_service
+from apex_local.runtime import Every, exit_now, limit_threads, parse_service_args, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -77,7 +77,7 @@ class Learner:
 
     def to_batch(self, arrays: dict[str, np.ndarray]):
         cls = SequenceBatch if self.online.recurrent else TransitionBatch
-        return cls.from_numpy(arrays).to(self.device)
+        return cls.from_numpy(arrays).to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ update
     def compute_gradients(self, batch) -> tuple[UpdateResult, bool]:

@@ -51,6 +51,7 @@ class LearnerService:
         self.client = RequestClient(self.ctx, endpoints(cfg, run_id)["replay_sample"], cfg.transport,
                                     max_in_flight=cfg.learner.prefetch + 1, on_orphan=self._orphan)
         self.slots: BatchSlots | None = None
+        self._pinned = None
         self.incarnation = random.getrandbits(62)
         self.publish()
         self.metrics: dict[str, float] = {}
@@ -81,10 +82,20 @@ class LearnerService:
                 pass
 
     def _take_batch(self, msg: BatchReady):
-        """Copy the slot out (the loss must not read shared memory the server may reuse)."""
+        """Copy the slot out (the loss must not read shared memory the server may reuse), into
+        pinned host memory when training on a GPU, then free the slot (DESIGN.md §3)."""
         ring = self._slot_ring()
         view = ring.view(msg.slot_id, msg.slot_seq, msg.epoch)
-        arrays = {k: np.array(v) for k, v in view.items()}
+        if self.learner.device.type == "cuda":
+            import torch
+
+            if self._pinned is None:
+                self._pinned = {k: torch.from_numpy(np.empty(v.shape, v.dtype)).pin_memory() for k, v in view.items()}
+            arrays = {k: self._pinned[k].numpy() for k in view}
+            for k, v in view.items():
+                arrays[k][...] = v  # the update synchronises before the next batch reuses these
+        else:
+            arrays = {k: np.array(v) for k, v in view.items()}
         if not ring.release(msg.slot_id, msg.slot_seq):
             return None  # reclaimed while we copied: the copy may be torn
         return arrays

@@ -22,7 +22,7 @@ from apex_local.config import Config
 from apex_local.metrics import NullRecorder, Recorder
 from apex_local.replay import ChunkError, beta_schedule, make_replay, replay_nbytes
 from apex_local.replay.frames import layout_nbytes
-from apex_local.transport import (BatchReady, BatchSlots, DecodeLimits, Error, Heartbeat, Info, InfoRequest, Insert,
+from apex_local.transport import (BatchReady, BatchSlots, DecodeLimits, Error, Heartbeat, Info, InfoRequest,
                                   InsertSpec, PriorityUpdate, ProtocolError, SampleRequest, allocator,
                                   check_free_space, endpoints, make_socket, new_context, recv_message, segment_name,
                                   send_message, wait_readable)
