@@ -61,8 +61,17 @@ CATALOGUE: dict[str, MetricDef] = {
     "apex_evaluator_human_normalized_score": MetricDef("gauge", "Human-normalised score of the latest evaluation"),
     "apex_evaluator_weights_version": MetricDef("gauge", "Weights version of the latest evaluation"),
     "apex_evaluator_episodes_total": MetricDef("counter", "Evaluation episodes played"),
-    # paramserver
+    # paramserver (Gorila)
     "apex_paramserver_gradients_applied_total": MetricDef("counter", "Gradients applied to the master net"),
+    "apex_paramserver_gradients_dropped_total": MetricDef(
+        "counter", "Gradients not applied, by reason (stale, non_finite, bad_message)", ("reason",)),
+    "apex_paramserver_gradients_received_total": MetricDef(
+        "counter", "Gradients received, by sending learner", ("learner",)),
+    "apex_paramserver_staleness": MetricDef(
+        "histogram", "Versions between the parameters a gradient was computed on and the master's", (),
+        (0, 1, 2, 4, 8, 16, 32, 64, 128)),
+    "apex_paramserver_weights_version": MetricDef("gauge", "Version of the master parameters"),
+    "apex_learner_gradients_sent_total": MetricDef("counter", "Gradients pushed to the parameter server (Gorila)"),
 }
 
 
