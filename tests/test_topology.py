@@ -91,8 +91,12 @@ def _garbage(cfg, spec_frame_shape):
     }
 
 
-def test_replay_drops_bad_messages_while_a_good_actor_continues(topo):
-    t = topo({"run.max_env_steps": 10**9, "transport.max_message_bytes": 1 << 20})
+@pytest.mark.parametrize("kind", ["ipc", "tcp"])
+def test_replay_drops_bad_messages_while_a_good_actor_continues(topo, kind):
+    from service_harness import free_port_block
+
+    t = topo({"run.max_env_steps": 10**9, "transport.max_message_bytes": 1 << 20, "transport.kind": kind,
+              "transport.base_port": free_port_block()})
     for role in ("replay", "learner", "actor"):
         t.start(role, 0)
     t.wait_for(lambda: t.metrics("replay").get("apex_replay_inserted_total", 0) > 0, 90, "first inserts")
