@@ -78,6 +78,23 @@ AGENTS = {  # name -> (label, config dict)
     "lstm_1frame": ("(a) recurrent LSTM, 1 frame (R2D2-style)", R2D2_MASKED),
     "ff_1frame": ("(b) feed-forward DQN, 1 frame", DQN),
     "ff_4frames": ("(c) feed-forward DQN, 4-frame stack", _with(DQN, env={"frame_stack": 4})),
+    # supplementary (not part of the default run): (a) replaying as many steps per env step as the DQN
+    # agents (batch 32 x 16 learning steps every 8 env steps = 64, DQN: batch 64 every env step)
+    "lstm_1frame_rr64": ("(a') recurrent LSTM, 1 frame, DQN's replay ratio",
+                         _with(R2D2_MASKED, learner={"train_every": 2})),
+}
+DEFAULT_AGENTS = ("lstm_1frame", "ff_1frame", "ff_4frames")
+SETTINGS = {
+    "lstm_1frame": "configs/r2d2_cartpole_masked.yaml: MLP 64 → LSTM 64 → dueling head 64; 4 envs; prioritized "
+                   "sequence replay (α 0.9, β 0.6, 5,000 sequences), burn-in 4 + 16 learning steps, period 8, stored "
+                   "state, n = 5, batch 32 sequences, one update per 16 env steps (`train_every: 4` vector steps of "
+                   "4 envs) = 32 replayed learning steps per env step, target period 200; ε 1 → 0.02 over 15k steps",
+    "ff_1frame": "configs/dqn_cartpole.yaml on the masked env: MLP 128-128, 3-step double DQN, uniform replay 50k, "
+                 "batch 64, one update per env step (64 replayed transitions per env step), target period 250; "
+                 "ε 1 → 0.02 over 10k steps",
+    "ff_4frames": "(b) with `env.frame_stack: 4`",
+    "lstm_1frame_rr64": "(a) with `learner.train_every: 2`: one update per 8 env steps = 64 replayed learning steps "
+                        "per env step, the DQN agents' ratio",
 }
 COMMON = {"run.torch_threads": 1, "learner.checkpoint_every_seconds": 0, "metrics.enabled": False,
           "run.log_every_seconds": 60}
@@ -162,6 +179,10 @@ def auc(evals: list[dict]) -> float:
     x = np.array([e["env_steps"] for e in evals], float)
     y = np.array([e["mean_return"] for e in evals], float)
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
+
+
+def settings_rows(agents: list[str]) -> str:
+    return "\n".join(f"| {AGENTS[a][0].split(' ')[0]} `{a}` | {SETTINGS[a]} |" for a in agents)
 
 
 def table(results: list[dict], seeds: list[int]) -> str:
@@ -311,9 +332,7 @@ observation `[x, theta]`), {meta['steps']:,} env steps per run, seeds {', '.join
 
 | agent | settings (copied into `bench/bench_drqn.py`, `AGENTS`) |
 |---|---|
-| (a) `lstm_1frame` | configs/r2d2_cartpole_masked.yaml: MLP 64 → LSTM 64 → dueling head 64; 4 envs; prioritized sequence replay (α 0.9, β 0.6, 5,000 sequences), burn-in 4 + 16 learning steps, period 8, stored state, n = 5, batch 32 sequences, one update per 16 env steps, target period 200; ε 1 → 0.02 over 15k steps |
-| (b) `ff_1frame` | configs/dqn_cartpole.yaml on the masked env: MLP 128-128, 3-step double DQN, uniform replay 50k, batch 64, one update per env step, target period 250; ε 1 → 0.02 over 10k steps |
-| (c) `ff_4frames` | (b) with `env.frame_stack: 4` |
+{settings_rows(meta['agents'])}
 
 Final = greedy return (ε = 0.001, mean of {meta['eval_episodes']} episodes) at the last evaluation
 ({meta['steps']:,} steps). AUC = trapezoidal area under the greedy-return curve from the first to
@@ -347,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20_000, help="env steps per run (same for every agent)")
     ap.add_argument("--eval-every", type=int, default=2_500)
     ap.add_argument("--eval-episodes", type=int, default=10)
-    ap.add_argument("--agents", default=",".join(AGENTS), help="comma-separated subset of " + ",".join(AGENTS))
+    ap.add_argument("--agents", default=",".join(DEFAULT_AGENTS), help="comma-separated, from " + ",".join(AGENTS))
     ap.add_argument("--resume", action="store_true", help="keep finished runs from runs/bench_drqn/results.json")
     ap.add_argument("--verdict", default="", help="text appended below the tables (the human reading of the result)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the doc/plot from results.json, train nothing")

@@ -5,8 +5,9 @@
 The paper's replay (Kapturowski et al. 2019, Table 2): 100k sequences of T = 40 burn-in + 80
 learning steps (T + 1 = 121 obs refs each), a new sequence every 40 steps, single 84x84 uint8
 frames (frame_stack 1), LSTM state 512 (h and c stored per sequence), prioritized replay
-alpha 0.9 / IS exponent beta 0.6, batch 64. Built exactly as the replay server builds it
-(``apex_local.replay.make_replay`` on a Config), filled with synthetic chunks in the chunk
+alpha 0.9 / IS exponent beta 0.6, batch 64. Built by ``apex_local.replay.make_replay`` on a
+Config, as the local trainer builds it (the replay server passes a shared-memory allocator for
+the same arrays), filled with synthetic chunks in the chunk
 format of docs/architecture.md (the keys and dtypes ``SequenceAccumulator.flush`` produces):
 chunk c of each of 4 env streams carries that stream's 40 new frames (121 in the first chunk)
 and the one sequence whose bootstrap obs they complete (obs seqs 40c .. 40c + 120), i.e. 4
@@ -15,10 +16,11 @@ sequences per insert message (``actor.flush_every: 4`` in configs/r2d2_pong.yaml
 Frames are stored once, so a sequence costs ``sequence_period`` = 40 new frames (7,056 B each)
 plus the ring margin, about 300 KB: 100k sequences need ~30 GB. If the layout does not fit
 in ``--mem-fraction`` of MemAvailable, the largest capacity (a multiple of 1,000) that does is
-used and the output says so. Phases: fill to capacity (first touch of every page), overwrite
-5 % more (steady state), then ``--cycles`` x [sample(64, beta 0.6) into a preallocated batch
-(as the server does into a shared-memory slot) + update_priorities(64)]. Prints a markdown
-table and appends/replaces it in docs/benchmarks_drqn.md (``--no-doc`` to skip).
+used and the output says so. Phases: fill to capacity (first touch of every page), insert
+10 % more (the item ring overwrites, and the frame ring, 1/16 larger, wraps: steady state),
+then ``--cycles`` x [sample(64, beta 0.6) into a preallocated batch (as the server does into a
+shared-memory slot) + update_priorities(64)]. Prints a markdown table and appends/replaces it
+in docs/benchmarks_drqn.md (``--no-doc`` to skip).
 """
 from __future__ import annotations
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     frame_cap = replay.table.frame_store.capacity
     src = ChunkSource(rng)
     phases = {}
-    for phase, count in (("fill", capacity), ("overwrite", max(capacity // 20, STREAMS))):
+    for phase, count in (("fill", capacity), ("overwrite", max(capacity // 10, STREAMS))):
         t1 = time.perf_counter()
         n = 0
         while n < count:
