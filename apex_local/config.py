@@ -118,6 +118,12 @@ class LearnerConfig:
     priority_eta: float = 0.9  # sequence priority: eta max|d| + (1-eta) mean|d|
     stored_state: bool = True  # R2D2 stored-state vs zero-state start
     drqn_update: str = "none"  # none | sequential | random (DRQN bootstrapped updates)
+    # --- Gorila (Nair et al. 2015): N learners push gradients to a parameter server, which applies
+    # them asynchronously (the optimizer above, same lr/eps) and syncs the target network every
+    # target_update_period APPLIED updates (Algorithm 1: "every global N steps sync theta^-").
+    gorila_staleness_bound: int = 32  # max applied updates a gradient may lag the master params (Gorila §4)
+    gorila_stale_policy: str = "drop"  # beyond the bound: drop | downweight (scale by 1/(1+staleness))
+    gorila_sync_every: int = 1  # learner steps between parameter/target refreshes (Algorithm 1: every step)
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,7 @@ _CHOICES = {
     ("network", "torso"): ("auto", "mlp", "nature_cnn"),
     ("learner", "optimizer"): ("adam", "rmsprop"),
     ("learner", "drqn_update"): ("none", "sequential", "random"),
+    ("learner", "gorila_stale_policy"): ("drop", "downweight"),
     ("actor", "exploration"): ("linear", "apex", "none"),
     ("transport", "kind"): ("ipc", "tcp"),
 }
@@ -217,6 +224,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("learner", "checkpoint_every_seconds"): (0, None), ("learner", "prefetch"): (1, 1024),
     ("learner", "max_nonfinite_in_row"): (1, None), ("learner", "rescale_eps"): (0, None),
     ("learner", "priority_eta"): (0, 1),
+    ("learner", "gorila_staleness_bound"): (0, None), ("learner", "gorila_sync_every"): (1, None),
     ("actor", "num_actors"): (0, 4096), ("actor", "eps_start"): (0, 1), ("actor", "eps_end"): (0, 1),
     ("actor", "eps_decay_steps"): (1, None), ("actor", "apex_eps"): (0, 1),
     ("actor", "apex_alpha"): (0, None), ("actor", "flush_every"): (1, 1_000_000),
@@ -258,6 +266,13 @@ def _cross_checks(cfg: Config) -> None:
             f"actor.eps_end ({cfg.actor.eps_end}) > actor.eps_start ({cfg.actor.eps_start})")
     if cfg.env.mask_velocity and "cartpole" not in cfg.env.id.lower():
         raise ConfigError(f"env.mask_velocity is only defined for CartPole, not env.id '{cfg.env.id}'")
+    lc = cfg.learner
+    if (cfg.run.method == "gorila" and lc.gorila_stale_policy == "drop"
+            and lc.gorila_staleness_bound < lc.publish_every - 1):
+        raise ConfigError(
+            f"learner.gorila_staleness_bound ({lc.gorila_staleness_bound}) < learner.publish_every - 1 "
+            f"({lc.publish_every - 1}) with gorila_stale_policy 'drop': gradients computed on the newest "
+            "published weights could all be dropped (the parameter server would stop learning)")
     if r.samples_per_insert > 0:
         from apex_local.replay.rate_limiter import check_rate_limit_settings  # noqa: WPS433
 

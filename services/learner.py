@@ -5,9 +5,10 @@ is reached, after a final checkpoint, so ``honcho start`` takes the whole run do
 """
 from __future__ import annotations
 
+import sys
 import time
 
-from apex_local.runtime import Every, exit_now, parse_service_args, run_service
+from apex_local.runtime import EXIT_BAD_INPUT, Every, exit_now, parse_service_args, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ctx.cfg
         spec = env_spec(cfg.env)
         threads = set_torch_threads(cfg, spec)
-        svc = LearnerService(cfg, ctx.run_id, spec, recorder, log=ctx.log, resume=not ctx.args.fresh)
+        if cfg.run.method == "gorila":  # Nair et al. 2015: push gradients to services/paramserver.py
+            from apex_local.roles.gorila_learner import GorilaLearnerService
+
+            svc = GorilaLearnerService(cfg, ctx.run_id, spec, ctx.index, recorder, log=ctx.log)
+        else:
+            svc = LearnerService(cfg, ctx.run_id, spec, recorder, log=ctx.log, resume=not ctx.args.fresh)
         ctx.log(f"run {ctx.run_id}: training on {svc.learner.device} ({threads} threads), "
                 f"{cfg.run.max_env_steps} env steps")
         status, ckpt = Every(cfg.run.log_every_seconds), Every(cfg.learner.checkpoint_every_seconds)
@@ -50,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             svc.close()
 
+    if ctx.index > 0 and ctx.cfg.run.method != "gorila":
+        print(f"[{ctx.name}] bad input: run.method '{ctx.cfg.run.method}' has exactly one learner, this is learner "
+              f"index {ctx.index}; only Gorila (run.method: gorila) runs several (drop -c learner=N)",
+              file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     return run_service(ctx, body)
 
 

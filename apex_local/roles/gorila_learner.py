@@ -1,0 +1,156 @@
+"""A Gorila learner process (Nair et al. 2015, Algorithm 1): samples from the shared replay server
+exactly like the Ape-X learner, but never steps an optimizer itself.
+
+    every learner.gorila_sync_every steps:  theta <- weights board, theta^- <- target board
+    learner ──SampleRequest×K──► replay ──BatchReady(slot)──► loss, backward (Learner.compute_gradients)
+            ──PUSH Gradients(grad, weights_version = version of theta)──► paramserver
+            ──PriorityUpdate──► replay
+
+The request / batch-slot / priority code is `LearnerService`'s (this class subclasses it and
+replaces the training step, the weight publication and the checkpoint). The parameter server
+owns the weights, the target network and the checkpoint; learner j (honcho's ``learner.j+1``)
+has no state worth saving, so a restarted learner just pulls the newest parameters.
+
+Replay sees all Gorila learners of a run as ONE learner incarnation (`shared_incarnation`): the
+replay server reclaims every held batch slot whenever the heartbeat incarnation changes, which
+with per-process incarnations would happen on every heartbeat of every other learner. Batch
+slots held by a learner that dies are therefore not reclaimed; give Gorila runs
+``replay.batch_slots >= (learners + 1) x learner.prefetch``.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+
+from apex_local.agents.builders import make_learner
+from apex_local.agents.checkpoint import CHECKPOINT_NAME
+from apex_local.config import Config, run_dir
+from apex_local.metrics import NullRecorder, Recorder
+from apex_local.networks import load_flat_parameters, num_flat_parameters
+from apex_local.roles.learner_loop import LearnerService
+from apex_local.roles.paramserver import flat_gradients
+from apex_local.transport import (Gradients, PriorityUpdate, RequestClient, WeightsBoard, endpoints, make_socket,
+                                  new_context, segment_name, send_message)
+from apex_local.transport.shm import ShmError
+
+
+def shared_incarnation(run_id: str) -> int:
+    """The heartbeat incarnation every Gorila learner of ``run_id`` sends (see the module docstring)."""
+    return int.from_bytes(hashlib.sha1(f"gorila-learners:{run_id}".encode()).digest()[:7], "little")
+
+
+class GorilaLearnerService(LearnerService):
+    def __init__(self, cfg: Config, run_id: str, spec, index: int = 0, recorder: Recorder | None = None,
+                 log=print) -> None:
+        # The attributes LearnerService.__init__ sets, minus the weights board it would create (the
+        # parameter server owns it here); tests/test_gorila.py checks that none is missing.
+        self.cfg, self.run_id, self.log, self.index = cfg, run_id, log, index
+        self.rec = recorder or NullRecorder()
+        self.learner = make_learner(cfg, spec)
+        self.ckpt_path = run_dir(cfg) / CHECKPOINT_NAME  # written by the parameter server
+        self.env_steps = 0
+        self.ctx = new_context()
+        eps = endpoints(cfg, run_id)
+        self.client = RequestClient(self.ctx, eps["replay_sample"], cfg.transport,
+                                    max_in_flight=cfg.learner.prefetch + 1, on_orphan=self._orphan)
+        self.push = make_socket(self.ctx, "push", cfg.transport, connect=eps["paramserver"])
+        self.slots = None
+        self._pinned = None
+        self.incarnation = shared_incarnation(run_id)
+        self.metrics: dict[str, float] = {}
+        self.batch_wait = 0.0
+        self.replay_info: dict = {}
+        self.last_update_time = time.monotonic()
+        self.retry_at = 0.0
+        self._info_every = 0.5
+        self._info_last = 0.0
+        # Gorila state
+        self.board: WeightsBoard | None = None  # attached read-only (the paramserver's)
+        self.target_board: WeightsBoard | None = None
+        self._buf = np.empty(num_flat_parameters(self.learner.online), np.float32)
+        self.params_version = 0  # board version theta came from (0 = none yet)
+        self.target_version = 0
+        self.gradients_sent = self.gradients_unsent = 0
+        self.sender = f"learner.{index}"
+
+    # ------------------------------------------------------------------ parameters from the server
+    def _attach(self) -> bool:
+        try:
+            if self.board is None:
+                self.board = WeightsBoard.attach(segment_name(self.run_id, "weights"))
+            if self.target_board is None:
+                self.target_board = WeightsBoard.attach(segment_name(self.run_id, "target"))
+        except (ShmError, FileNotFoundError):
+            return False
+        return True
+
+    def _read(self, board: WeightsBoard, have: int) -> int | None:
+        got = board.read(self._buf, min_version=have)
+        if got is None and board.version < have:  # the paramserver restarted from an older checkpoint
+            got = board.read(self._buf, min_version=0)
+        return got
+
+    def sync(self) -> bool:
+        """theta <- newest published master, theta^- <- newest target (Algorithm 1). True once
+        parameters have been received at least once."""
+        if not self._attach():
+            return False
+        got = self._read(self.board, self.params_version)
+        if got is not None:
+            load_flat_parameters(self.learner.online, self._buf)
+            self.params_version = self.learner.weights_version = got
+            self.rec.set("apex_learner_weights_version", got)
+        got = self._read(self.target_board, self.target_version)
+        if got is not None:
+            load_flat_parameters(self.learner.target, self._buf)
+            self.target_version = got
+        return self.params_version > 0 and self.target_version > 0
+
+    # ------------------------------------------------------------------ LearnerService overrides
+    def publish(self) -> None:
+        """Learners never publish: the parameter server owns the boards."""
+
+    def checkpoint(self) -> None:
+        """Nothing to save: the parameter server's checkpoint holds the master, target and optimizer."""
+
+    def step(self) -> None:
+        if self.params_version == 0 and not self.sync():
+            time.sleep(0.05)  # the parameter server is not up yet
+            return
+        super().step()
+
+    def _train_on(self, arrays: dict) -> None:
+        if self.learner.updates % self.cfg.learner.gorila_sync_every == 0:
+            self.sync()
+        batch = self.learner.to_batch(arrays)
+        result, ok = self.learner.compute_gradients(batch)  # raises NonFiniteLossError (exit 3) when stuck
+        if not ok:
+            self.rec.inc("apex_learner_nonfinite_losses_total")
+            return
+        msg = Gradients(sender=self.sender, weights_version=self.params_version,
+                        batch_size=int(arrays["index"].shape[0]), grad=flat_gradients(self.learner.online))
+        if send_message(self.push, msg):  # zero-copy: flat_gradients returns fresh memory every time
+            self.gradients_sent += 1
+            self.rec.inc("apex_learner_gradients_sent_total")
+        else:  # the parameter server is gone or far behind (send_timeout_ms)
+            self.gradients_unsent += 1
+        prio = result.priorities
+        ok = np.isfinite(prio)
+        self.client.send(PriorityUpdate(index=arrays["index"][ok], generation=arrays["generation"][ok],
+                                        priority=prio[ok].astype(np.float32)))
+        self.learner.updates += 1
+        self.metrics = result.metrics
+        self.rec.inc("apex_learner_updates_total")
+        self.rec.set("apex_learner_loss", result.metrics.get("loss", 0.0))
+        self.rec.set("apex_learner_td_abs_mean", result.metrics.get("td_abs_mean", result.metrics.get("loss", 0.0)))
+        self.rec.set("apex_learner_q_mean", result.metrics.get("q_mean", 0.0))
+
+    def close(self) -> None:
+        self.push.close(linger=0)
+        self.client.close()
+        self.ctx.term()
+        for seg in (self.slots, self.board, self.target_board):
+            if seg is not None:
+                seg.close()
