@@ -11,15 +11,15 @@ replaces the training step, the weight publication and the checkpoint). The para
 owns the weights, the target network and the checkpoint; learner j (honcho's ``learner.j+1``)
 has no state worth saving, so a restarted learner just pulls the newest parameters.
 
-Replay sees all Gorila learners of a run as ONE learner incarnation (`shared_incarnation`): the
-replay server reclaims every held batch slot whenever the heartbeat incarnation changes, which
-with per-process incarnations would happen on every heartbeat of every other learner. Batch
-slots held by a learner that dies are therefore not reclaimed; give Gorila runs
-``replay.batch_slots >= (learners + 1) x learner.prefetch``.
+Each learner heartbeats replay as ``learner.<index>`` with its own random incarnation; replay
+tracks incarnations per sender and reclaims held batch slots only when one sender's
+incarnation changes (that learner restarted). Slots held by a learner that died and never
+came back stay held, so Gorila configs give ``replay.batch_slots >= (learners + 1) x
+learner.prefetch``.
 """
 from __future__ import annotations
 
-import hashlib
+import random
 import time
 
 import numpy as np
@@ -34,11 +34,6 @@ from apex_local.roles.paramserver import flat_gradients
 from apex_local.transport import (Gradients, PriorityUpdate, RequestClient, WeightsBoard, endpoints, make_socket,
                                   new_context, segment_name, send_message)
 from apex_local.transport.shm import ShmError
-
-
-def shared_incarnation(run_id: str) -> int:
-    """The heartbeat incarnation every Gorila learner of ``run_id`` sends (see the module docstring)."""
-    return int.from_bytes(hashlib.sha1(f"gorila-learners:{run_id}".encode()).digest()[:7], "little")
 
 
 class GorilaLearnerService(LearnerService):
@@ -58,7 +53,8 @@ class GorilaLearnerService(LearnerService):
         self.push = make_socket(self.ctx, "push", cfg.transport, connect=eps["paramserver"])
         self.slots = None
         self._pinned = None
-        self.incarnation = shared_incarnation(run_id)
+        self.incarnation = random.getrandbits(62)
+        self.sender = f"learner.{index}"
         self.metrics: dict[str, float] = {}
         self.batch_wait = 0.0
         self.replay_info: dict = {}

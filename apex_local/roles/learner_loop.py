@@ -53,6 +53,7 @@ class LearnerService:
         self.slots: BatchSlots | None = None
         self._pinned = None
         self.incarnation = random.getrandbits(62)
+        self.sender = "learner.0"
         self.publish()
         self.metrics: dict[str, float] = {}
         self.batch_wait = 0.0
@@ -134,7 +135,7 @@ class LearnerService:
         now = time.monotonic()
         if now - self._info_last > self._info_every and self.client.can_request:
             self.client.request(InfoRequest())
-            self.client.send(Heartbeat(incarnation=self.incarnation))
+            self.client.send(Heartbeat(sender=self.sender, incarnation=self.incarnation))
             self._info_last = now
         while now >= self.retry_at and self.client.in_flight < self.cfg.learner.prefetch:
             beta = beta_schedule(self.cfg.replay, self.learner.updates)

@@ -72,7 +72,7 @@ class ReplayServer:
         self.pending: deque = deque()  # (identity, SampleRequest, arrival time)
         self.env_steps = self.episodes = 0
         self.updates_seen = 0
-        self.learner_incarnation = None
+        self.incarnations: dict[str, int] = {}  # heartbeat sender -> incarnation
         self.rejected: dict[str, int] = {}
         self.rec.set("apex_replay_capacity", r.capacity)
         for reason in REASONS + ("bad_chunk", "rate_limited"):
@@ -147,10 +147,12 @@ class ReplayServer:
             elif isinstance(msg, InfoRequest):
                 send_message(self.router, Info(request_id=msg.request_id, data=self.info()), identity=identity)
             elif isinstance(msg, Heartbeat):
-                if self.learner_incarnation not in (None, msg.incarnation):
-                    self._slots.reclaim_all()  # the learner restarted: its held slots are free again
-                    self.log("learner restarted: reclaimed its batch slots")
-                self.learner_incarnation = msg.incarnation
+                known = self.incarnations.get(msg.sender)
+                if known is not None and known != msg.incarnation:
+                    # this learner restarted: the slots it held will never be released
+                    self._slots.reclaim_all()
+                    self.log(f"learner {msg.sender or '?'} restarted: reclaimed held batch slots")
+                self.incarnations[msg.sender] = msg.incarnation
 
     def _serve_pending(self) -> None:
         while self.pending:
