@@ -85,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=_cmd_eval)
 
+    p = sub.add_parser("targets", help="write Prometheus file_sd targets for every process of a run")
+    _add_monitoring_args(p)
+    p.add_argument("--out", "-o", default=None, help="targets file (default: print to stdout), e.g. runs/targets.json")
+    p.set_defaults(fn=_cmd_targets)
+
+    p = sub.add_parser("top", help="live terminal view of a running run, read from its /metrics endpoints")
+    _add_monitoring_args(p)
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between frames (rates span one interval)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.set_defaults(fn=_cmd_top)
+
     try:
         from apex_local.transport import clean  # noqa: F401
     except ImportError:  # pragma: no cover - transport not built
@@ -95,6 +106,53 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true")
         p.set_defaults(fn=_cmd_clean)
     return parser
+
+
+def _add_monitoring_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--actors", type=int, default=None,
+                   help="actors in the run (honcho -c actor=N; default: actor.num_actors when > 0)")
+    p.add_argument("--learners", type=int, default=1, help="learners (Gorila runs several)")
+    p.add_argument("--no-evaluator", dest="evaluator", action="store_false", help="the run has no evaluator")
+
+
+def _monitored(args):
+    """(processes, run id) of the run ``args`` describes; exits 2 on bad counts."""
+    from apex_local.config import run_id
+    from apex_local.monitoring.targets import run_processes
+
+    cfg = load_config(args.config, args.overrides)
+    actors = args.actors if args.actors is not None else cfg.actor.num_actors
+    if args.actors is None and actors <= 0:
+        raise ConfigError("--actors is required (actor.num_actors is 0: the count comes from honcho -c actor=N)")
+    if actors < 0 or args.learners < 0:
+        raise ConfigError(f"--actors and --learners must be >= 0, got {actors} and {args.learners}")
+    if not cfg.metrics.enabled:
+        print("apex-local: warning: metrics.enabled is false in this config; nothing will answer",
+              file=sys.stderr)
+    return run_processes(cfg, actors, args.learners, args.evaluator), run_id(cfg)
+
+
+def _cmd_targets(args) -> int:
+    from apex_local.monitoring.targets import file_sd_groups, write_targets
+
+    processes, run = _monitored(args)
+    groups = file_sd_groups(processes, run)
+    if args.out:
+        path = write_targets(args.out, groups)
+        print(f"wrote {len(groups)} targets of run {run} to {path}", file=sys.stderr)
+    else:
+        print(json.dumps(groups, indent=2))
+    return 0
+
+
+def _cmd_top(args) -> int:
+    from apex_local.monitoring.top import run_top
+
+    if not args.interval > 0:
+        raise ConfigError(f"--interval must be > 0, got {args.interval}")
+    processes, run = _monitored(args)
+    return run_top(processes, run, interval=args.interval, once=args.once)
 
 
 def _cmd_clean(args) -> int:
