@@ -5,6 +5,7 @@ is reached, after a final checkpoint, so ``honcho start`` takes the whole run do
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -13,7 +14,7 @@ from apex_local.runtime import EXIT_BAD_INPUT, Every, exit_now, parse_service_ar
 
 def main(argv: list[str] | None = None) -> int:
     ctx = parse_service_args("learner", argv, extra=lambda p: p.add_argument(
-        "--fresh", action="store_true", help="ignore an existing checkpoint in run.dir"))
+        "--fresh", action="store_true", help="ignore an existing checkpoint in run.dir (also: APEX_FRESH=1)"))
 
     def body(shutdown, recorder) -> None:
         from apex_local.agents.builders import set_torch_threads
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
             svc = GorilaLearnerService(cfg, ctx.run_id, spec, ctx.index, recorder, log=ctx.log)
         else:
-            svc = LearnerService(cfg, ctx.run_id, spec, recorder, log=ctx.log, resume=not ctx.args.fresh)
+            fresh = ctx.args.fresh or os.environ.get("APEX_FRESH") == "1"
+            svc = LearnerService(cfg, ctx.run_id, spec, recorder, log=ctx.log, resume=not fresh)
         ctx.log(f"run {ctx.run_id}: training on {svc.learner.device} ({threads} threads), "
                 f"{cfg.run.max_env_steps} env steps")
         status, ckpt = Every(cfg.run.log_every_seconds), Every(cfg.learner.checkpoint_every_seconds)

@@ -29,6 +29,13 @@ def make_learner(cfg: Config, spec, device: str | None = None) -> Learner:
 
 
 def make_local_replay(cfg: Config, spec, seed: int = 0, allocator=None):
+    """In-process replay. No rate limiter: the single-process loop sets the ratio itself
+    (``learner.train_every`` / ``updates_per_train``), so ``replay.samples_per_insert`` only
+    applies to the replay server."""
+    if cfg.replay.samples_per_insert > 0:
+        from apex_local.config import replace
+
+        cfg = replace(cfg, **{"replay.samples_per_insert": 0})
     return make_replay(cfg, spec.frame_shape, spec.obs_dtype, spec.frame_stack,
                        allocator=allocator, rng=np.random.default_rng(seed))
 

@@ -71,6 +71,7 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
     env_steps = vec_steps = episodes = 0
     last_ckpt = time.monotonic()
     exit_code, solved_at, metrics = 0, None, {}
+    interrupted = False
     next_eval = eval_every_steps if eval_every_steps > 0 else None
 
     obs = venv.reset(seed=cfg.run.seed)
@@ -121,6 +122,10 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
     except NonFiniteLossError as exc:
         print(f"[local] stopping: {exc}", file=sys.stderr, flush=True)
         exit_code = NonFiniteLossError.exit_code
+    except KeyboardInterrupt:  # Ctrl-C (and SIGTERM via the CLI): stop cleanly, keep a checkpoint
+        print(f"[local] interrupted at {env_steps} env steps; writing a final checkpoint", file=sys.stderr,
+              flush=True)
+        interrupted = True
     finally:
         venv.close()
     path = save_checkpoint(out_dir / CHECKPOINT_NAME, _ckpt_state(cfg, learner, env_steps, episodes))
@@ -131,7 +136,7 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
         "mean_return_100": float(np.mean(returns)) if returns else None,
         "wall_seconds": round(time.monotonic() - t_start, 2), "checkpoint": str(path),
         "nonfinite_losses": learner.nonfinite_total, "evaluations": evals, "solved": solved_at,
-        "exit_code": exit_code,
+        "exit_code": exit_code, "interrupted": interrupted,
     }
 
 

@@ -43,9 +43,16 @@ class LearnerService:
         self.env_steps = 0
         if resume and self.ckpt_path.is_file():
             state = load_checkpoint(self.ckpt_path)
-            self.learner.load_state_dict(state["learner"])
-            self.env_steps = int(state.get("env_steps", 0))
-            log(f"resumed from {self.ckpt_path}: {self.learner.updates} updates, weights v{self.learner.weights_version}")
+            if int(state.get("env_steps", 0)) >= cfg.run.max_env_steps:
+                # that run finished: a new `honcho start` is a new run, not a resume
+                done = self.ckpt_path.with_name("checkpoint.finished.pt")
+                self.ckpt_path.replace(done)
+                log(f"the run in {self.ckpt_path.parent} had finished; kept it as {done.name}, starting fresh")
+            else:
+                self.learner.load_state_dict(state["learner"])
+                self.env_steps = int(state.get("env_steps", 0))
+                log(f"resumed from {self.ckpt_path}: {self.learner.updates} updates, "
+                    f"weights v{self.learner.weights_version}, {self.env_steps} env steps")
         self.board = WeightsBoard.create(segment_name(run_id, "weights"), num_flat_parameters(self.learner.online))
         self.ctx = new_context()
         self.client = RequestClient(self.ctx, endpoints(cfg, run_id)["replay_sample"], cfg.transport,
