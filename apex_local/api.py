@@ -64,7 +64,15 @@ def evaluate(config: Config | str | os.PathLike | None, checkpoint: str | os.Pat
         cfg = resolve_config(config, overrides)
     spec = env_spec(cfg.env)
     learner = make_learner(cfg, spec, device="cpu")
-    learner.online.load_state_dict(state["learner"]["online"])
+    try:
+        learner.online.load_state_dict(state["learner"]["online"])
+    except RuntimeError as exc:
+        from apex_local.errors import BadInputError
+
+        first = str(exc).splitlines()[0]
+        raise BadInputError(f"checkpoint {checkpoint} does not fit the network of this config ({first}); "
+                            "pass the config the run was trained with, or omit --config to use the one "
+                            "stored in the checkpoint") from None
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     eps = cfg.actor.eval_epsilon if epsilon is None else epsilon
     returns = evaluate_policy(learner.online, cfg.env, episodes, seed=seed, epsilon=eps)

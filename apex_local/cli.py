@@ -25,6 +25,9 @@ def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> No
 
 def _cmd_check_config(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    from apex_local.envs import resolve_env_id
+
+    resolve_env_id(cfg.env.id)  # an unknown env id is a config error too (exit 2, close matches)
     print(dump_config(cfg), end="")
     return 0
 
@@ -41,8 +44,11 @@ def _cmd_train(args) -> int:
         print("apex-local train runs the single-process mode and needs --local; the distributed "
               "topology is launched with `honcho start` (see README).", file=sys.stderr)
         return EXIT_BAD_INPUT
+    import signal
+
     from apex_local.api import train
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C: final checkpoint
     summary = train(args.config, args.overrides)
     print(json.dumps(summary, sort_keys=True))
     return int(summary.get("exit_code", 0))

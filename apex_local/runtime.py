@@ -152,7 +152,7 @@ def run_service(ctx: ServiceContext, body) -> int:
     try:
         paths = run_paths(ctx.cfg, ctx.run_id)
         pid = register_process(paths, ctx.role, ctx.index)
-        recorder = make_recorder(ctx.cfg.metrics, ctx.role, ctx.index)
+        recorder = make_recorder(ctx.cfg.metrics, ctx.role, ctx.index, run_id=ctx.run_id)
         body(shutdown, recorder)
         return 0
     except (PortInUseError, MetricsPortInUse, ShmError, TransportError) as exc:

@@ -147,3 +147,13 @@ def test_bootstrap_q_does_not_advance_recurrent_state():
     # equals stepping rows 0 and 2 from their current state
     out, _ = learner.online.step(torch.as_tensor(obs[[0, 2]] * 2), tuple(s[[0, 2]] for s in before))
     np.testing.assert_allclose(q, out.q.detach().numpy(), rtol=1e-6)
+
+
+def test_cli_eval_missing_checkpoint_exits_2_without_traceback():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "apex_local.cli", "eval", "--checkpoint", "/nonexistent/run"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no checkpoint at /nonexistent/run" in r.stderr
+    assert "Traceback" not in r.stderr

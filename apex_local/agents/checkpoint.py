@@ -10,12 +10,14 @@ from typing import Any
 
 import torch
 
+from apex_local.errors import BadInputError
+
 CHECKPOINT_NAME = "checkpoint.pt"
 _MAGIC = "apex-local-checkpoint-v1"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(BadInputError):
+    """A missing, truncated or foreign checkpoint (the CLI exits 2 naming the path)."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:

@@ -75,7 +75,7 @@ class ReplayServer:
         self.incarnations: dict[str, int] = {}  # heartbeat sender -> incarnation
         self.rejected: dict[str, int] = {}
         self.rec.set("apex_replay_capacity", r.capacity)
-        for reason in REASONS + ("bad_chunk", "rate_limited"):
+        for reason in REASONS + ("bad_chunk",):
             self.rec.inc("apex_replay_rejected_messages_total", 0, reason=reason)
         self._answer_within = max(0.005, t.request_timeout_ms / 2000.0)
 
