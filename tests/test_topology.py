@@ -140,3 +140,18 @@ def test_pong_pixels_flow_through_shared_memory(topo):
     codes = t.stop(signal.SIGTERM)
     assert all(code == 0 for code, _ in codes.values()), (codes, t.dump())
     assert t.leftovers() == []
+
+
+def test_actor_survives_env_errors_and_keeps_sending(topo):
+    t = topo({"env.id": "tests.flaky_env:FlakyCartPole", "env.kwargs": {"fail_every": 400},
+              "run.max_env_steps": 10**9, "replay.samples_per_insert": 0})
+    for role in ("replay", "learner", "actor"):
+        t.start(role, 0)
+    t.wait_for(lambda: t.metrics("actor").get("apex_actor_env_errors_total", 0) >= 2, 120, "two env errors")
+    before = t.metrics("replay").get("apex_replay_inserted_total", 0)
+    t.wait_for(lambda: t.metrics("replay").get("apex_replay_inserted_total", 0) > before + 500, 60,
+               "inserts continuing after the errors")
+    assert "simulated emulator crash" in t.log("actor.0")
+    codes = t.stop(signal.SIGTERM)
+    assert all(code == 0 for code, _ in codes.values()), (codes, t.dump())
+    assert t.leftovers() == []
