@@ -227,7 +227,9 @@ def curve_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def plot(results: list[dict], path: Path, title: str) -> bool:
+def plot(results: list[dict], path: Path, title: str, context: list[dict] | None = None) -> bool:
+    """Mean (line) and min..max (band) over seeds vs env steps and vs wall-clock; ``context``
+    (other runs, e.g. the main comparison behind a supplementary one) is drawn dashed."""
     try:
         import matplotlib
 
@@ -237,8 +239,11 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
         print("matplotlib not installed (pip install matplotlib): no plot", file=sys.stderr)
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for agent, (label, _) in AGENTS.items():
-        runs = [r for r in results if r["agent"] == agent and r["evals"]]
+    own = {r["agent"] for r in results}
+    series = [(a, lbl, [r for r in results if r["agent"] == a and r["evals"]], "-") for a, (lbl, _) in AGENTS.items()]
+    series += [(a, lbl + " [main run]", [r for r in (context or []) if r["agent"] == a and r["evals"]], "--")
+               for a, (lbl, _) in AGENTS.items() if a not in own]
+    for agent, label, runs, style in series:
         if not runs:
             continue
         n = min(len(r["evals"]) for r in runs)
@@ -246,8 +251,9 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
         y = np.array([[e["mean_return"] for e in r["evals"][:n]] for r in runs])
         t = np.array([[e["seconds"] for e in r["evals"][:n]] for r in runs]).mean(axis=0)
         for ax, xs in ((axes[0], x), (axes[1], t)):
-            (line,) = ax.plot(xs, y.mean(axis=0), marker="o", ms=3, label=f"{label} (n={len(runs)})")
-            ax.fill_between(xs, y.min(axis=0), y.max(axis=0), color=line.get_color(), alpha=0.2)
+            (line,) = ax.plot(xs, y.mean(axis=0), style, marker="o", ms=3, label=f"{label} (n={len(runs)})")
+            ax.fill_between(xs, y.min(axis=0), y.max(axis=0), color=line.get_color(),
+                            alpha=0.2 if style == "-" else 0.08)
     axes[0].set_xlabel("env steps")
     axes[1].set_xlabel("wall-clock seconds (mean over seeds, incl. evaluation)")
     for ax in axes:
@@ -312,33 +318,44 @@ DOC_TITLE = "DRQN / R2D2 benchmarks"
 
 def report(results: list[dict], meta: dict, done: bool) -> None:
     seeds = meta["seeds"]
+    main_results = ROOT / "runs" / "bench_drqn" / "results.json"
+    context = json.loads(main_results.read_text())["results"] if meta.get("tag") and main_results.exists() else None
     have_plot = plot(results, PLOT, f"velocity-masked CartPole-v1, {meta['steps']:,} env steps, "
-                                    f"greedy eval every {meta['eval_every']:,} steps x {meta['eval_episodes']} episodes")
+                                    f"greedy eval every {meta['eval_every']:,} steps x {meta['eval_episodes']} episodes",
+                     context)
     status = "complete" if done else f"PARTIAL ({len(results)} of {len(seeds) * len(meta['agents'])} runs done)"
+    tagged = bool(meta.get("tag"))
     heading = "DRQN claim: recurrent single frame vs feed-forward on velocity-masked CartPole"
-    if meta.get("tag"):
-        heading = f"Supplementary ({meta['tag']}): {', '.join(sorted({r['agent'] for r in results}))}, " \
-                  f"{meta['steps']:,} env steps"
+    intro = f"""Claim (Hausknecht & Stone 2015, DRQN; Kapturowski et al. 2019, R2D2): on a partially observable
+task a recurrent Q-network fed single frames integrates information over time and does about as
+well as a feed-forward one fed a stack of frames, and much better than a feed-forward one fed a
+single frame. Task: CartPole-v1 with the velocities dropped (`env.mask_velocity: true`,
+observation `[x, theta]`), {meta['steps']:,} env steps per run, seeds {', '.join(map(str, seeds))}."""
+    metrics = f"""Final = greedy return (ε = 0.001, mean of {meta['eval_episodes']} episodes) at the last evaluation
+({meta['steps']:,} steps). AUC = trapezoidal area under the greedy-return curve from the first to
+the last evaluation divided by that span (the time-averaged greedy return; max 500). Wall s =
+mean seconds per run, split into training and greedy evaluation (evaluation time grows with the
+agent's return, up to 10 × 500 steps)."""
+    outro = """**Flickering Pong** (DRQN §6, `configs/drqn_flicker_pong.yaml`: Pong with `env.flicker_prob: 0.5`,
+Nature CNN + LSTM 512, 10M env steps per run) needs a GPU (a CNN + LSTM learner on 2 shared CPU cores
+would take days); **not measured here**."""
+    if tagged:
+        heading = f"Supplementary ({meta['tag']}): {', '.join(meta['agents'])}, {meta['steps']:,} env steps"
+        intro = (f"Same task, evaluation and metrics as the main comparison; {meta['steps']:,} env steps per run, "
+                 f"greedy evaluation every {meta['eval_every']:,} steps, seeds {', '.join(map(str, seeds))}.")
+        metrics = outro = ""
     body = f"""## {heading}
 
 Status: **{status}**. Command: `{meta['command']}` (git {meta['rev']}, started {meta['date']}).
 Machine: {meta['machine']}. Each run is one process, `run.torch_threads: 1`; runs are sequential.
 
-Claim (Hausknecht & Stone 2015, DRQN; Kapturowski et al. 2019, R2D2): on a partially observable
-task a recurrent Q-network fed single frames integrates information over time and does about as
-well as a feed-forward one fed a stack of frames, and much better than a feed-forward one fed a
-single frame. Task: CartPole-v1 with the velocities dropped (`env.mask_velocity: true`,
-observation `[x, theta]`), {meta['steps']:,} env steps per run, seeds {', '.join(map(str, seeds))}.
+{intro}
 
 | agent | settings (copied into `bench/bench_drqn.py`, `AGENTS`) |
 |---|---|
 {settings_rows(meta['agents'])}
 
-Final = greedy return (ε = 0.001, mean of {meta['eval_episodes']} episodes) at the last evaluation
-({meta['steps']:,} steps). AUC = trapezoidal area under the greedy-return curve from the first to
-the last evaluation divided by that span (the time-averaged greedy return; max 500). Wall s =
-mean seconds per run, split into training and greedy evaluation (evaluation time grows with the
-agent's return, up to 10 × 500 steps).
+{metrics}
 
 {table(results, seeds)}
 
@@ -350,10 +367,9 @@ Mean greedy return over seeds [min, max] @ mean wall seconds, at each evaluation
 
 {meta.get('verdict', '')}
 
-**Flickering Pong** (DRQN §6, `configs/drqn_flicker_pong.yaml`: Pong with `env.flicker_prob: 0.5`,
-Nature CNN + LSTM 512, 10M env steps per run) needs a GPU (a CNN + LSTM learner on 2 shared CPU cores
-would take days); **not measured here**.
+{outro}
 """
+    body = re.sub(r"\n{3,}", "\n\n", body)
     write_section(DOC, BEGIN, END, body, DOC_TITLE)
 
 
