@@ -9,7 +9,7 @@ from apex_local.replay import NStepAccumulator, SequenceAccumulator, make_replay
 
 
 def set_torch_threads(cfg: Config, spec) -> int:
-    """``run.torch_threads`` (0 = auto: 1 for MLP torsos, else min(4, cores)). Small nets on
+    """``run.torch_threads`` (0 = auto: 1 for MLP torsos, else cores/4 in [1, 4]). Small nets on
     few cores are many times slower with more threads (OpenMP spin-waits under load)."""
     import os
 
@@ -18,7 +18,9 @@ def set_torch_threads(cfg: Config, spec) -> int:
     n = cfg.run.torch_threads
     if not n:
         image = cfg.network.torso == "nature_cnn" or (cfg.network.torso == "auto" and len(spec.frame_shape) >= 2)
-        n = min(4, os.cpu_count() or 1) if image else 1
+        # a topology runs several processes per core: measured on 2 shared cores, 2 threads made
+        # the Pong learner 10-15x slower than 1 (docs/benchmarks_topology.md)
+        n = max(1, min(4, (os.cpu_count() or 1) // 4)) if image else 1
     torch.set_num_threads(n)
     return n
 
