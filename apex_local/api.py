@@ -30,7 +30,12 @@ def resolve_config(config: Config | str | os.PathLike | None = None, overrides: 
 
         if method is None:
             raise ConfigError("pass a config, or method= (dqn, rainbow, apex, r2d2, drqn) and env_id=")
-        data = apply_overrides({"run": {"method": method}}, preset_overrides(method))
+        atari = False
+        if env_id is not None:
+            from apex_local.envs import resolve_env_id
+
+            atari = resolve_env_id(env_id).kind == "atari"  # R2D2/DRQN presets: LSTM 512 on Atari
+        data = apply_overrides({"run": {"method": method}}, preset_overrides(method, atari=atari))
         if env_id is not None:
             data.setdefault("env", {})["id"] = env_id
             if "cartpole" in env_id.lower():  # small vector task: small nets

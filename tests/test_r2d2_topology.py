@@ -89,7 +89,7 @@ def test_r2d2_processes_learn_masked_cartpole_and_exit_cleanly_on_sigint(topo):
 NUM_ENVS, STEPS, TRUNCATE_AT, BATCH = 4, 120, 25, 16
 EXACT_OVERRIDES = {"env.num_envs": NUM_ENVS, "env.max_episode_steps": TRUNCATE_AT, "replay.capacity": 128,
                    "replay.min_size": 1, "replay.prioritized": True, "replay.alpha": 0.9, "learner.batch_size": BATCH,
-                   "run.max_env_steps": 10**9}
+                   "run.max_env_steps": 10**9, "replay.samples_per_insert": 0}  # sample freely: no limiter
 
 
 def _same_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:

@@ -148,9 +148,12 @@ class LearnerService:
             beta = beta_schedule(self.cfg.replay, self.learner.updates)
             self.client.request(SampleRequest(batch_size=self.cfg.learner.batch_size, beta=beta))
         t0 = time.monotonic()
-        for msg in self.client.poll(50):
+        replies = self.client.poll(50)
+        waited = time.monotonic() - t0  # time spent waiting, not training
+        for msg in replies:
             if isinstance(msg, BatchReady):
-                self.rec.observe("apex_learner_batch_wait_seconds", time.monotonic() - t0)
+                self.rec.observe("apex_learner_batch_wait_seconds", waited)
+                waited = 0.0
                 try:
                     arrays = self._take_batch(msg)
                 except StaleSlotError:

@@ -85,7 +85,12 @@ class RequestClient:
         replies: list[Message] = []
         while True:
             now = time.monotonic()
-            self._expire(now)
+            # Read what already arrived before expiring: _expire closes the socket, and a batch
+            # reply dropped with it would leave its slot held in the replay server for good.
+            self._drain(replies)
+            self._expire(time.monotonic())
+            if replies:
+                return replies
             wait = end - now
             if self._pending:
                 wait = min(wait, min(p.deadline for p in self._pending.values()) - now)
