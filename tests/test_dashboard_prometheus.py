@@ -192,8 +192,10 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
                    "a first evaluation")
 
         # the dashboard's $run variable: label_values(apex_replay_size, run)
-        runs = _get(f"{api}/label/run/values?" + urllib.parse.urlencode({"match[]": "apex_replay_size"}))["data"]
-        assert t.run_id in runs
+        def runs():
+            return _get(f"{api}/label/run/values?" + urllib.parse.urlencode({"match[]": "apex_replay_size"}))["data"]
+
+        t.wait_for(lambda: t.run_id in runs(), 60, "prometheus scraping the run (the $run variable)")
 
         queries = [(title, substitute(e, t.run_id)) for title, e in expressions(dashboard())]
         empty = queries
