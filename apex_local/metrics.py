@@ -222,9 +222,7 @@ class PrometheusRecorder(Recorder):
             self._server, self._thread = _serve(self._registry, host, port)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise MetricsPortInUse(
-                    f"metrics port {host}:{port} is already in use (set metrics.base_port or "
-                    "metrics.enabled: false)") from None
+                raise _port_in_use(host, port) from None
             raise
         self.port = port
 
@@ -362,6 +360,11 @@ def _serve(registry, host: str, port: int):
     return httpd, thread
 
 
+def _port_in_use(host: str, port: int) -> MetricsPortInUse:
+    return MetricsPortInUse(f"metrics port {host}:{port} is already in use (set metrics.base_port or "
+                            "metrics.enabled: false)")
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail fast, naming the port, if ``host:port`` is taken (DESIGN.md §9)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -371,9 +374,7 @@ def check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise MetricsPortInUse(
-                    f"metrics port {host}:{port} is already in use (set metrics.base_port or "
-                    "metrics.enabled: false)") from None
+                raise _port_in_use(host, port) from None
             raise
 
 

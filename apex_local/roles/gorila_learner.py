@@ -19,7 +19,6 @@ learner.prefetch``.
 """
 from __future__ import annotations
 
-import random
 import time
 
 import numpy as np
@@ -53,15 +52,7 @@ class GorilaLearnerService(LearnerService):
         self.push = make_socket(self.ctx, "push", cfg.transport, connect=eps["paramserver"])
         self.slots = None
         self._pinned = None
-        self.incarnation = random.getrandbits(62)
-        self.sender = f"learner.{index}"
-        self.metrics: dict[str, float] = {}
-        self.batch_wait = 0.0
-        self.replay_info: dict = {}
-        self.last_update_time = time.monotonic()
-        self.retry_at = 0.0
-        self._info_every = 0.5
-        self._info_last = 0.0
+        self._init_loop_state(f"learner.{index}")
         # Gorila state
         self.board: WeightsBoard | None = None  # attached read-only (the paramserver's)
         self.target_board: WeightsBoard | None = None

@@ -59,13 +59,15 @@ class LearnerService:
                                     max_in_flight=cfg.learner.prefetch + 1, on_orphan=self._orphan)
         self.slots: BatchSlots | None = None
         self._pinned = None
-        self.incarnation = random.getrandbits(62)
-        self.sender = "learner.0"
+        self._init_loop_state("learner.0")
         self.publish()
+
+    def _init_loop_state(self, sender: str) -> None:
+        """State of the request loop (shared with the Gorila learner)."""
+        self.incarnation = random.getrandbits(62)  # a new value tells replay this learner restarted
+        self.sender = sender
         self.metrics: dict[str, float] = {}
-        self.batch_wait = 0.0
         self.replay_info: dict = {}
-        self.last_update_time = time.monotonic()
         self.retry_at = 0.0
         self._info_every = 0.5
         self._info_last = 0.0
