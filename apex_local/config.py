@@ -93,6 +93,8 @@ class ReplayConfig:
     sequence_period: int = 40  # R2D2: a new sequence starts every this many steps (overlap)
     burn_in: int = 40  # R2D2: steps replayed without gradient to warm the LSTM state
     batch_slots: int = 4  # shared-memory batch slots (K prefetched batches)
+    snapshot_every_seconds: float = 0.0  # replay server: write run_dir/replay_snapshot.npz this often and on
+    #   a clean stop, and restore it at start (unless --fresh / APEX_FRESH=1); 0 = off
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,9 @@ class LearnerConfig:
     gorila_staleness_bound: int = 32  # max applied updates a gradient may lag the master params (Gorila §4)
     gorila_stale_policy: str = "drop"  # beyond the bound: drop | downweight (scale by 1/(1+staleness))
     gorila_sync_every: int = 1  # learner steps between parameter/target refreshes (Algorithm 1: every step)
+    # shared: every learner samples the one replay server; local: learner j hosts its own replay
+    # (Gorila §3 bundles), fed by the actors routed to it (apex_local/roles/gorila_replay.py)
+    gorila_replay: str = "shared"  # shared | local
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,15 @@ class TransportConfig:
     send_timeout_ms: int = 200  # a blocked send gives up after this (so signals are handled)
     max_message_bytes: int = 256 * 1024 * 1024  # ZMQ_MAXMSGSIZE on receiving sockets
     request_timeout_ms: int = 2_000  # learner sample request retry (Lazy Pirate)
+    # Remote actors (README "Remote actors (two hosts)"; keys from `apex-local keys --out DIR`).
+    # '' = no CURVE. Set = every tcp socket is CURVE: the server cert with its secret key
+    # (DIR/server.key_secret) where sockets bind (replay, learner); the public DIR/server.key
+    # is enough on a host whose processes only connect (remote actors). Needs kind: tcp.
+    curve_server_cert: str = ""
+    curve_client_cert: str = ""  # this host's client secret cert (DIR/clients/client-K.key_secret)
+    curve_authorized_dir: str = ""  # where sockets bind: client public certs let in (DIR/authorized)
+    weights_transport: str = "board"  # board (shm, same host) | pub: actors subscribe to the learner's PUB
+    allow_plaintext_remote: bool = False  # tcp to a non-loopback host without CURVE is refused unless true
 
 
 @dataclass(frozen=True)
@@ -196,8 +210,10 @@ _CHOICES = {
     ("learner", "optimizer"): ("adam", "rmsprop"),
     ("learner", "drqn_update"): ("none", "sequential", "random"),
     ("learner", "gorila_stale_policy"): ("drop", "downweight"),
+    ("learner", "gorila_replay"): ("shared", "local"),
     ("actor", "exploration"): ("linear", "apex", "none"),
     ("transport", "kind"): ("ipc", "tcp"),
+    ("transport", "weights_transport"): ("board", "pub"),
 }
 # (min, max, inclusive-min) for numbers; None = unbounded
 _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
@@ -216,6 +232,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("replay", "n_step"): (1, 1000), ("replay", "gamma"): (0, 1),
     ("replay", "sequence_length"): (1, 10_000), ("replay", "sequence_period"): (1, 10_000),
     ("replay", "burn_in"): (0, 10_000), ("replay", "batch_slots"): (1, 1024),
+    ("replay", "snapshot_every_seconds"): (0, None),
     ("learner", "batch_size"): (1, 1_000_000), ("learner", "lr"): (0, None),
     ("learner", "adam_eps"): (0, None), ("learner", "max_grad_norm"): (0, None),
     ("learner", "huber_delta"): (0, None), ("learner", "target_update_period"): (1, None),
@@ -239,8 +256,41 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
 _POSITIVE = {("learner", "lr"), ("network", "noisy_sigma0")}
 
 
+def _transport_checks(cfg: Config) -> None:
+    """CURVE / remote-actor settings (key files themselves are read by transport.curve)."""
+    t = cfg.transport
+    set_ = [f for f in ("curve_client_cert", "curve_authorized_dir") if getattr(t, f)]
+    if set_ and not t.curve_server_cert:
+        raise ConfigError(f"transport.{set_[0]} is set but transport.curve_server_cert is empty: CURVE needs "
+                          "the server certificate too (see `apex-local keys`)")
+    if t.curve_server_cert:
+        if t.kind != "tcp":
+            raise ConfigError(f"transport.curve_server_cert is set but transport.kind is '{t.kind}': CURVE keys need "
+                              "transport.kind: tcp (ipc sockets are host-local, protected by their 0700 directory)")
+        if not t.curve_client_cert:
+            raise ConfigError("transport.curve_client_cert is empty: with CURVE every process that connects "
+                              "(learner, actors) needs this host's client certificate (clients/client-K.key_secret "
+                              "from `apex-local keys`)")
+    if t.weights_transport == "pub" and cfg.run.method == "gorila":
+        raise ConfigError("transport.weights_transport: pub is not supported with run.method gorila (the "
+                          "parameter server publishes to the shared-memory board only); use board")
+    if t.kind == "tcp" and not t.curve_server_cert and not t.allow_plaintext_remote:
+        import ipaddress  # noqa: WPS433
+
+        try:
+            loopback = ipaddress.ip_address(t.host).is_loopback
+        except ValueError:
+            loopback = t.host == "localhost"
+        if not loopback:
+            raise ConfigError(
+                f"transport.host '{t.host}' is not a loopback address and CURVE is off: inserts and weights would "
+                "cross the network unauthenticated. Set transport.curve_server_cert / curve_client_cert / "
+                "curve_authorized_dir (`apex-local keys`), or transport.allow_plaintext_remote: true")
+
+
 def _cross_checks(cfg: Config) -> None:
     """Checks that involve more than one field."""
+    _transport_checks(cfg)
     n, r = cfg.network, cfg.replay
     if n.categorical and not n.v_min < n.v_max:
         raise ConfigError(f"network.v_min ({n.v_min}) must be < network.v_max ({n.v_max})")
@@ -273,6 +323,10 @@ def _cross_checks(cfg: Config) -> None:
             f"learner.gorila_staleness_bound ({lc.gorila_staleness_bound}) < learner.publish_every - 1 "
             f"({lc.publish_every - 1}) with gorila_stale_policy 'drop': gradients computed on the newest "
             "published weights could all be dropped (the parameter server would stop learning)")
+    if lc.gorila_replay == "local" and cfg.run.method != "gorila":
+        raise ConfigError(
+            f"learner.gorila_replay 'local' needs run.method: gorila (got '{cfg.run.method}'): only Gorila "
+            "learners host their own replay; set learner.gorila_replay: shared")
     if r.samples_per_insert > 0:
         from apex_local.replay.rate_limiter import check_rate_limit_settings  # noqa: WPS433
 

@@ -49,6 +49,12 @@ CATALOGUE: dict[str, MetricDef] = {
     "apex_replay_rejected_messages_total": MetricDef(
         "counter", "Messages dropped by the replay server, by reason", ("reason",)),
     "apex_replay_env_steps_total": MetricDef("counter", "Env steps reported by actors"),
+    "apex_replay_gap_items_total": MetricDef(
+        "counter", "Items skipped because they reference frames the replay lost (it restarted mid-stream)"),
+    "apex_replay_snapshots_total": MetricDef("counter", "Replay snapshots written"),
+    "apex_replay_snapshot_errors_total": MetricDef(
+        "counter", "Replay snapshots that could not be written (disk full, permissions)"),
+    "apex_replay_snapshot_seconds": MetricDef("gauge", "Time the latest replay snapshot took to write"),
     # learner
     "apex_learner_updates_total": MetricDef("counter", "Learner gradient updates"),
     "apex_learner_loss": MetricDef("gauge", "Loss of the latest update"),
@@ -74,6 +80,16 @@ CATALOGUE: dict[str, MetricDef] = {
         (0, 1, 2, 4, 8, 16, 32, 64, 128)),
     "apex_paramserver_weights_version": MetricDef("gauge", "Version of the master parameters"),
     "apex_learner_gradients_sent_total": MetricDef("counter", "Gradients pushed to the parameter server (Gorila)"),
+    "apex_paramserver_env_steps_total": MetricDef(
+        "counter", "Env steps reported by Gorila learners with local replay (the run ends at run.max_env_steps)"),
+    # Gorila learner's own replay (learner.gorila_replay: local)
+    "apex_learner_replay_size": MetricDef("gauge", "Items stored in this Gorila learner's local replay"),
+    "apex_learner_replay_capacity": MetricDef("gauge", "Capacity of this Gorila learner's local replay in items"),
+    "apex_learner_replay_inserted_total": MetricDef("counter", "Items inserted into this Gorila learner's local replay"),
+    "apex_learner_replay_env_steps_total": MetricDef(
+        "counter", "Env steps reported by the actors feeding this Gorila learner's local replay"),
+    "apex_learner_replay_rejected_messages_total": MetricDef(
+        "counter", "Insert messages dropped by this Gorila learner's local replay, by reason", ("reason",)),
     # every process (apex_local/monitoring/procstats.py), sampled at scrape time
     "apex_process_resident_memory_bytes": MetricDef(
         "gauge", "Resident memory of this process by kind (anon, file, shmem; they sum to VmRSS)", ("kind",),
@@ -94,7 +110,8 @@ _UNITS = {
     "apex_replay_size": "items", "apex_replay_capacity": "items", "apex_replay_inserted_total": "items",
     "apex_replay_sampled_total": "items", "apex_replay_priority_updates_total": "items",
     "apex_replay_stale_priority_updates_total": "items", "apex_replay_rejected_messages_total": "messages",
-    "apex_replay_env_steps_total": "steps",
+    "apex_replay_env_steps_total": "steps", "apex_replay_gap_items_total": "items",
+    "apex_replay_snapshots_total": "snapshots", "apex_replay_snapshot_errors_total": "snapshots",
     "apex_learner_updates_total": "updates", "apex_learner_loss": "1", "apex_learner_td_abs_mean": "return",
     "apex_learner_q_mean": "return", "apex_learner_weights_version": "version",
     "apex_learner_nonfinite_losses_total": "updates", "apex_learner_q_discrepancy": "ratio",
@@ -103,6 +120,9 @@ _UNITS = {
     "apex_paramserver_gradients_applied_total": "gradients", "apex_paramserver_gradients_dropped_total": "gradients",
     "apex_paramserver_gradients_received_total": "gradients", "apex_paramserver_staleness": "versions",
     "apex_paramserver_weights_version": "version", "apex_learner_gradients_sent_total": "gradients",
+    "apex_paramserver_env_steps_total": "steps", "apex_learner_replay_size": "items",
+    "apex_learner_replay_capacity": "items", "apex_learner_replay_inserted_total": "items",
+    "apex_learner_replay_env_steps_total": "steps", "apex_learner_replay_rejected_messages_total": "messages",
 }
 
 

@@ -1,12 +1,18 @@
 """Replay server process: ``python -m services.replay`` (see apex_local/roles/replay_server.py)."""
 from __future__ import annotations
 
+import os
 
 from apex_local.runtime import Every, exit_now, limit_threads, parse_service_args, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
-    ctx = parse_service_args("replay", argv)
+    ctx = parse_service_args("replay", argv, extra=lambda p: p.add_argument(
+        "--fresh", action="store_true", help="ignore a replay snapshot in run.dir (also: APEX_FRESH=1)"))
+    if ctx.cfg.run.method == "gorila" and ctx.cfg.learner.gorila_replay == "local":
+        from services.paramserver import idle  # each Gorila learner hosts its own replay: nothing to serve
+
+        return idle(ctx, "learner.gorila_replay is 'local': every Gorila learner hosts its own replay")
 
     def body(shutdown, recorder) -> None:
         from apex_local.envs import env_spec
@@ -14,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
 
         limit_threads(1)
         spec = env_spec(ctx.cfg.env)
-        server = ReplayServer(ctx.cfg, ctx.run_id, spec, recorder, log=ctx.log)
+        fresh = ctx.args.fresh or os.environ.get("APEX_FRESH") == "1"
+        server = ReplayServer(ctx.cfg, ctx.run_id, spec, recorder, log=ctx.log, restore=not fresh)
         every = Every(ctx.cfg.run.log_every_seconds)
         last = {"ins": 0, "smp": 0}
 

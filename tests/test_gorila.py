@@ -1,10 +1,11 @@
 """Gorila (Nair et al. 2015): the parameter server's asynchronous SGD in-process (bit-equal to the
 same optimizer steps taken sequentially, staleness rules, non-finite gradients, checkpoints), the
 service on real sockets, and the whole topology as processes (learns CartPole, survives a killed
-learner, exits cleanly; launched by honcho)."""
+learner, exits cleanly; launched by honcho). The same with a local replay per learner
+(``learner.gorila_replay: local``): validation of inserts, actor -> learner routing, run end at
+the parameter server."""
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import signal
@@ -321,8 +322,8 @@ def test_paramserver_idles_for_other_methods_and_exits_0_on_sigterm():
 def topo(tmp_path):
     made = []
 
-    def make(overrides=None):
-        t = Topology(tmp_path / f"t{len(made)}", overrides, base="configs/gorila_cartpole.yaml")
+    def make(overrides=None, base="configs/gorila_cartpole.yaml"):
+        t = Topology(tmp_path / f"t{len(made)}", overrides, base=base)
         made.append(t)
         return t
 
@@ -381,4 +382,225 @@ def test_honcho_starts_gorila_with_two_learners_and_exits_0(topo):
     assert code == 0, text[-4000:]
     assert "learner.1" in text and "learner.2" in text and "paramserver.1" in text
     assert "stopping (reached" in text and "applied updates, checkpoint" in text, text[-4000:]
+    assert t.leftovers() == []
+
+
+# --------------------------------------------------------------------------- local replay per learner
+
+LOCAL = ROOT / "configs" / "gorila_cartpole_local.yaml"
+
+
+def _local_cfg(**overrides):
+    return replace(load_config(LOCAL), **overrides)
+
+
+def test_config_local_replay_is_gorila_only_and_a_known_choice():
+    assert _local_cfg().learner.gorila_replay == "local" and _cfg().learner.gorila_replay == "shared"
+    with pytest.raises(ConfigError, match="gorila_replay 'local' needs run.method: gorila"):
+        replace(load_config(ROOT / "configs" / "apex_cartpole.yaml"), **{"learner.gorila_replay": "local"})
+    with pytest.raises(ConfigError, match="gorila_replay.*did you mean 'local'"):
+        _cfg(**{"learner.gorila_replay": "locl"})
+
+
+def _chunks(n_chunks: int, steps: int = 20) -> list[dict]:
+    """Consecutive insert chunks of one CartPole-like actor (1 env, n=3): chunk k+1's first items
+    refer to frames sent in chunk k (frames are sent once)."""
+    from apex_local.replay.accumulators import NStepAccumulator
+
+    acc = NStepAccumulator(num_envs=1, n=3, gamma=0.99, frame_stack=1, frame_shape=(4,), frame_dtype=np.float32)
+    rng = np.random.default_rng(0)
+    acc.reset(rng.normal(size=(1, 1, 4)).astype(np.float32))
+    out = []
+    for _ in range(n_chunks):
+        for _ in range(steps):
+            nxt = rng.normal(size=(1, 1, 4)).astype(np.float32)
+            acc.step(np.array([1]), np.array([1.0]), np.array([False]), np.array([False]), nxt, nxt)
+        out.append(acc.flush())
+    return out
+
+
+def test_local_replay_validates_inserts_like_the_replay_server_and_counts_drops_by_reason(tmp_path):
+    from apex_local.roles.gorila_replay import LocalReplay, learner_replay_endpoint
+    from apex_local.transport import Insert, new_context
+
+    cfg = _local_cfg(**{"run.dir": str(tmp_path / "run"), "replay.min_size": 10, "replay.samples_per_insert": 0})
+    spec, rid, rec = env_spec(cfg.env), "g" + uuid.uuid4().hex[:10], Recorder()
+    ctx = new_context()
+    local = LocalReplay(cfg, rid, spec, 1, ctx, rec, log=lambda m: None)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(learner_replay_endpoint(cfg, rid, 1))
+    assert local.endpoint == learner_replay_endpoint(cfg, rid, 1) and local.endpoint.endswith("gorila_replay.1.sock")
+    try:
+        c0, c1 = _chunks(2)
+        ins = lambda c, steps: Insert(sender="actor.0", actor_id=0, env_steps=steps, chunk=c).encode()  # noqa: E731
+        push.send_multipart(ins(c0, 20))
+        backwards = dict(c1, frame_seq=c1["frame_seq"][::-1].copy())  # well-formed arrays, seqs not increasing
+        push.send_multipart(ins(backwards, 20))  # refused by the table as a whole: bad_chunk
+        push.send_multipart([b"\x00garbage"])  # bad_header
+        push.send_multipart(Gradients(sender="learner.0", grad=np.zeros(3, np.float32)).encode())  # unknown_kind
+        wrong = dict(c1, action=c1["action"].astype(np.float32))  # bad_dtype, refused before the table sees it
+        push.send_multipart(ins(wrong, 20))
+        push.send_multipart(ins(c1, 20))  # still fine: nothing of the bad messages was stored
+        end = time.monotonic() + 10
+        while time.monotonic() < end and local.replay.inserted < len(c0["action"]) + len(c1["action"]):
+            local.wait(50)
+            local.drain()
+        assert local.replay.inserted == len(c0["action"]) + len(c1["action"]) == rec.get(
+            "apex_learner_replay_inserted_total")
+        assert local.env_steps == 40 == rec.get("apex_learner_replay_env_steps_total")
+        assert local.rejected == {"bad_chunk": 1, "bad_header": 1, "unknown_kind": 1, "bad_dtype": 1}
+        for reason, n in local.rejected.items():
+            assert rec.get("apex_learner_replay_rejected_messages_total", reason=reason) == n
+        assert rec.get("apex_learner_replay_size") == local.replay.size > 0
+        batch = local.sample(8, 0.4)  # the keys of a replay-server batch slot
+        assert set(batch) >= {"obs", "action", "reward", "discount", "next_obs", "weight", "index", "generation"}
+        assert local.info()["size"] == local.replay.size
+    finally:
+        push.close()
+        local.close()
+        ctx.term()
+    assert not os.path.exists(local.endpoint[len("ipc://"):])  # the socket file is removed
+    shutil.rmtree(endpoints(cfg, rid)["replay"][len("ipc://"):].rsplit("/", 1)[0], ignore_errors=True)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"apex_{rid}_")]  # process memory only
+
+
+def test_actor_route_follows_the_live_learners_from_their_pid_files():
+    from apex_local.roles.gorila_replay import LearnerRoute, insert_route, learner_replay_endpoint
+    from apex_local.transport.rundir import _stat, run_paths
+
+    cfg, rid = _local_cfg(), "g" + uuid.uuid4().hex[:10]
+    paths = run_paths(cfg, rid)
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(3)]
+    try:
+        assert insert_route(_cfg(), rid, 0) is None  # shared replay: actors feed the replay server
+        routes = [LearnerRoute(cfg, rid, i, check_every=0) for i in range(3)]
+        assert [r.learner for r in routes] == [0, 0, 0]  # no learner up yet: learner 0's endpoint
+
+        def pid_file(j, p):
+            paths.pid_file("learner", j).write_text(f"{p.pid} {_stat(p.pid)[1]}\n")
+
+        pid_file(0, sleepers[0])
+        pid_file(1, sleepers[1])
+        (paths.ipc_dir / "learner.7.pid").write_text("garbage")  # unreadable: ignored
+        (paths.ipc_dir / "learner.8.pid").write_text("999999999 1\n")  # no such process: ignored
+        assert [r.moved() for r in routes] == [True, True, True]  # learner 0 became a live process
+        assert [r.learner for r in routes] == [0, 1, 0]  # actor i -> live[i mod 2]
+        assert [r.endpoint for r in routes] == [learner_replay_endpoint(cfg, rid, j) for j in (0, 1, 0)]
+        assert [r.moved() for r in routes] == [False, False, False]
+        sleepers[1].kill()  # learner 1 dies: its actor moves to learner 0
+        sleepers[1].wait()
+        assert [r.moved() for r in routes] == [False, True, False] and routes[1].learner == 0
+        pid_file(1, sleepers[2])  # learner 1 restarted (a new process): actor 1 goes back to it
+        assert [r.moved() for r in routes] == [False, True, False] and routes[1].learner == 1
+        slow = LearnerRoute(cfg, rid, 1, check_every=60)
+        sleepers[2].kill()
+        sleepers[2].wait()
+        assert not slow.moved() and slow.learner == 1  # checks at most every check_every seconds
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+        shutil.rmtree(paths.ipc_dir, ignore_errors=True)
+
+
+def test_paramserver_sums_reported_env_steps_ends_local_runs_and_restarts_finished_ones(tmp_path):
+    from apex_local.transport import send_message
+
+    cfg = _local_cfg(**{"run.dir": str(tmp_path / "run"), "run.max_env_steps": 1000})
+    spec, rid, rec = env_spec(cfg.env), "g" + uuid.uuid4().hex[:10], Recorder()
+    svc = ParamServerService(cfg, rid, spec, rec, log=lambda m: None)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(endpoints(cfg, rid)["paramserver"])
+    try:
+        n = svc.core.num_params
+        good = np.full(n, 0.01, np.float32)
+        send_message(push, Gradients(sender="learner.0", weights_version=1, env_steps=600, grad=good))
+        send_message(push, Gradients(sender="learner.1", weights_version=0, env_steps=300, grad=good))  # stale
+        end = time.monotonic() + 10
+        while time.monotonic() < end and sum(svc.core.received.values()) < 2:
+            svc.step(50)
+        assert svc.core.env_steps == 900 == rec.get("apex_paramserver_env_steps_total")  # a dropped one counts too
+        assert not svc.done()
+        send_message(push, Gradients(sender="learner.1", weights_version=svc.core.version, env_steps=100, grad=good))
+        while time.monotonic() < end and not svc.done():
+            svc.step(50)
+        assert svc.done() and svc.core.env_steps == 1000
+        svc.checkpoint()
+    finally:
+        push.close()
+        ctx.term()
+        svc.close()
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["env_steps"] == 1000
+    again = ParamServerService(cfg, rid, spec, log=lambda m: None)  # that run had finished: a new one starts
+    try:
+        assert again.core.env_steps == 0 and again.core.applied == 0 and not again.done()
+        assert (tmp_path / "run" / "checkpoint.finished.pt").is_file()
+    finally:
+        again.close()
+        shutil.rmtree(endpoints(cfg, rid)["replay"][len("ipc://"):].rsplit("/", 1)[0], ignore_errors=True)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"apex_{rid}_")]
+
+
+def test_gorila_local_replay_learns_reroutes_around_a_killed_learner_and_exits_cleanly(topo):
+    t = topo({"run.max_env_steps": 10**9, "actor.eval_episodes": 5}, base="configs/gorila_cartpole_local.yaml")
+    for role, idx in (("replay", 0), ("paramserver", 0), ("learner", 0), ("learner", 1), ("actor", 0), ("actor", 1),
+                      ("evaluator", 0)):
+        t.start(role, idx)
+    m = lambda role, name, i=0: t.metrics(role, i).get(name, 0)  # noqa: E731
+    recv = lambda j: t.metrics("paramserver").get(  # noqa: E731
+        f'apex_paramserver_gradients_received_total{{index="0",learner="{j}",role="paramserver"}}', 0)
+    inserted = lambda j: m("learner", "apex_learner_replay_inserted_total", j)  # noqa: E731
+    rejected = lambda j: m("learner", "apex_learner_replay_rejected_messages_total", j)  # noqa: E731
+    t.wait_for(lambda: recv(0) > 20 and recv(1) > 20, 120, "gradients from both learners")
+    assert inserted(0) > 0 and inserted(1) > 0 and m("learner", "apex_learner_replay_size", 1) > 0
+    assert "idle" in t.log("replay.0")  # the replay server has nothing to do ...
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"apex_{t.run_id}_replay")]  # ... and owns nothing
+    best = t.wait_for(lambda: (r := m("evaluator", "apex_evaluator_return")) >= 150 and r, 240,
+                      "evaluation return >= 150", interval=1.0)  # random play ~22, initial weights ~88
+    print(f"evaluation return {best}")
+    assert m("evaluator", "apex_evaluator_weights_version") > 100
+    # the env steps the paramserver counts are the actors' (minus what is still in flight)
+    steps = m("paramserver", "apex_paramserver_env_steps_total")
+    acted = m("actor", "apex_actor_env_steps_total", 0) + m("actor", "apex_actor_env_steps_total", 1)
+    assert 0.5 * acted < steps <= acted, (steps, acted)
+
+    t.procs["learner.1"].send_signal(signal.SIGKILL)  # actor 1's learner dies: actor 1 feeds learner 0
+    t.procs["learner.1"].wait(timeout=5)
+    del t.procs["learner.1"]
+    t.wait_for(lambda: "feeding learner 0's replay" in t.log("actor.1"), 30, "actor 1 rerouted to learner 0")
+    a1 = m("actor", "apex_actor_env_steps_total", 1)
+    t.wait_for(lambda: m("actor", "apex_actor_env_steps_total", 1) > a1 + 1000, 60, "actor 1 acting on")
+    t.start("learner", 1)  # restarted: actor 1 goes back to it, its new replay fills and it trains again
+    t.wait_for(lambda: "feeding learner 1's replay" in t.log("actor.1"), 30, "actor 1 back on learner 1")
+    r1 = recv(1)
+    t.wait_for(lambda: inserted(1) > 2000 and recv(1) > r1 + 50, 120, "the restarted learner's replay and gradients")
+    assert rejected(0) == 0 and rejected(1) == 0  # rerouting never split an actor's frames between replays
+
+    codes = t.stop(signal.SIGINT, timeout=3.0)
+    assert all(code == 0 for code, _ in codes.values()), (codes, t.dump())
+    assert max(s for _, s in codes.values()) < 3.0, codes
+    assert t.leftovers() == []  # no segments, no socket files (gorila_replay.<j>.sock), no pid files
+
+
+@pytest.mark.skipif(shutil.which("honcho") is None, reason="honcho not installed")
+def test_honcho_starts_gorila_with_local_replay_and_the_paramserver_ends_the_run(topo):
+    t = topo({"run.max_env_steps": 12_000, "replay.min_size": 500}, base="configs/gorila_cartpole_local.yaml")
+    log = t.tmp / "honcho.log"
+    p = subprocess.Popen(["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "-c",
+                          "actor=2,learner=2"], cwd=ROOT, env=t.env, stdout=open(log, "wb"),
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = p.wait(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert code == 0, text[-4000:]
+    assert "replay.1" in text and "idle" in text and "learner.2" in text
+    assert "paramserver.1" in text and "stopping (reached" in text, text[-4000:]
+    state = load_checkpoint(t.tmp / "run" / "checkpoint.pt")
+    assert state["env_steps"] >= 12_000 and state["paramserver"]["received"].keys() == {"0", "1"}
     assert t.leftovers() == []

@@ -1,6 +1,7 @@
 """An Ape-X / R2D2 actor process: a vector env, its own CPU policy copy, local n-step (or
 sequence) accumulation with initial priorities from its own network, inserts to replay,
-weights from the board.
+weights from the board (a remote actor, ``transport.weights_transport: pub``: from the
+learner's PUB socket, a `WeightsSubscriber` with the same ``read``).
 
     every step:            act (eps-greedy per env slot) -> env.step -> accumulator
     every flush_every:     Insert(chunk, env_steps, episode returns) ──PUSH──► replay
@@ -23,6 +24,7 @@ from apex_local.envs import make_vector_env
 from apex_local.losses import initial_sequence_priorities
 from apex_local.metrics import NullRecorder, Recorder
 from apex_local.networks import load_flat_parameters, make_network, num_flat_parameters
+from apex_local.roles.gorila_replay import insert_route
 from apex_local.transport import Insert, WeightsBoard, endpoints, make_socket, new_context, segment_name, send_message
 from apex_local.transport.shm import ShmError
 
@@ -40,7 +42,14 @@ class ActorService:
         self.board: WeightsBoard | None = None
         self.eps = EpsilonSchedule(cfg.actor, index, self.num_envs)
         self.ctx = new_context()
-        self.push = make_socket(self.ctx, "push", cfg.transport, connect=endpoints(cfg, run_id)["replay"])
+        self.route = insert_route(cfg, run_id, index)  # Gorila local replay: the learner this actor feeds
+        self.push = make_socket(self.ctx, "push", cfg.transport,
+                                connect=self.route.endpoint if self.route else endpoints(cfg, run_id)["replay"])
+        if cfg.transport.weights_transport == "pub":  # remote actor: weights from the learner's PUB, not shm
+            from apex_local.transport import WeightsSubscriber
+
+            self.board = WeightsSubscriber(self.ctx, endpoints(cfg, run_id)["weights"], cfg.transport,
+                                           self._weights.size)
         self.env_steps = self.unreported_steps = self.env_errors = 0
         self.returns: deque = deque(maxlen=100)
         self.pending_returns: list[float] = []
@@ -133,7 +142,19 @@ class ActorService:
         if (self.env_steps // self.num_envs) % max(1, self.cfg.actor.sync_every // self.num_envs) == 0:
             self.sync_weights()
 
+    def _follow_route(self) -> None:
+        """Gorila local replay: this actor's learner changed (died, restarted, or the learner set
+        changed). The new replay never saw our earlier frames, so drop the unsent items and
+        restart the accumulator at the current observations (roles/gorila_replay.py)."""
+        self.push.close(linger=0)
+        self.push = make_socket(self.ctx, "push", self.cfg.transport, connect=self.route.endpoint)
+        self.acc.flush()
+        self.acc.reset(self.obs)
+        self.log(f"feeding learner {self.route.learner}'s replay ({self.route.endpoint})")
+
     def flush(self, shutdown) -> None:
+        if self.route is not None and self.route.moved():
+            self._follow_route()
         chunk = self.acc.flush()
         if chunk is None:
             return
@@ -149,7 +170,14 @@ class ActorService:
                      episode_lengths=self.pending_lengths[:256], chunk=chunk)
         t0 = time.monotonic()
         while not send_message(self.push, msg):  # SNDTIMEO expired: replay slow or gone
+            now = time.monotonic()  # count blocked time as it accrues, so a stall shows while it lasts
+            self.blocked_seconds += now - t0
+            self.rec.inc("apex_actor_send_blocked_seconds_total", now - t0)
+            t0 = now
             if shutdown:
+                return
+            if self.route is not None and self.route.moved():  # its learner is gone: feed another
+                self._follow_route()
                 return
         self.blocked_seconds += time.monotonic() - t0
         self.rec.inc("apex_actor_send_blocked_seconds_total", time.monotonic() - t0)
@@ -158,9 +186,9 @@ class ActorService:
         self.pending_returns, self.pending_lengths = [], []
 
     def close(self) -> None:
+        if self.board is not None:
+            self.board.close()  # before term: a weights SUB socket would keep it waiting
         self.push.close(linger=0)
         self.ctx.term()
         if self.venv is not None:
             self.venv.close()
-        if self.board is not None:
-            self.board.close()

@@ -7,7 +7,17 @@ exactly like the Ape-X learner, but never steps an optimizer itself.
             ──PriorityUpdate──► replay
 
 The request / batch-slot / priority code is `LearnerService`'s (this class subclasses it and
-replaces the training step, the weight publication and the checkpoint). The parameter server
+replaces the training step, the weight publication and the checkpoint).
+
+With ``learner.gorila_replay: local`` (Gorila §3 bundles) learner j instead hosts its own replay
+in-process (`roles.gorila_replay.LocalReplay`, fed by the actors routed to it) and never talks
+to the replay server:
+
+    every step:  drain inserts ──► local Replay ──sample──► loss, backward ──PUSH Gradients(..., env_steps)──►
+                 priorities straight into the local sampler
+
+Env steps are then only known per learner: each gradient carries the env steps its replay
+received since the previous one, and the parameter server, which sums them, ends the run. The parameter server
 owns the weights, the target network and the checkpoint; learner j (honcho's ``learner.j+1``)
 has no state worth saving, so a restarted learner just pulls the newest parameters.
 
@@ -28,6 +38,8 @@ from apex_local.agents.checkpoint import CHECKPOINT_NAME
 from apex_local.config import Config, run_dir
 from apex_local.metrics import NullRecorder, Recorder
 from apex_local.networks import load_flat_parameters, num_flat_parameters
+from apex_local.replay import beta_schedule
+from apex_local.roles.gorila_replay import LocalReplay, local_replay_enabled
 from apex_local.roles.learner_loop import LearnerService
 from apex_local.roles.paramserver import flat_gradients
 from apex_local.transport import (Gradients, PriorityUpdate, RequestClient, WeightsBoard, endpoints, make_socket,
@@ -47,9 +59,19 @@ class GorilaLearnerService(LearnerService):
         self.env_steps = 0
         self.ctx = new_context()
         eps = endpoints(cfg, run_id)
-        self.client = RequestClient(self.ctx, eps["replay_sample"], cfg.transport,
-                                    max_in_flight=cfg.learner.prefetch + 1, on_orphan=self._orphan)
+        self.client = self.local = None
         self.push = make_socket(self.ctx, "push", cfg.transport, connect=eps["paramserver"])
+        try:
+            if local_replay_enabled(cfg):  # this learner's own replay; the replay server is not used
+                self.local = LocalReplay(cfg, run_id, spec, index, self.ctx, self.rec, log)
+            else:
+                self.client = RequestClient(self.ctx, eps["replay_sample"], cfg.transport,
+                                            max_in_flight=cfg.learner.prefetch + 1, on_orphan=self._orphan)
+        except BaseException:
+            self.push.close(linger=0)
+            self.ctx.term()
+            raise
+        self.env_steps_reported = 0  # local replay: env steps already reported to the paramserver
         self.slots = None
         self._pinned = None
         self._init_loop_state(f"learner.{index}")
@@ -102,11 +124,33 @@ class GorilaLearnerService(LearnerService):
     def checkpoint(self) -> None:
         """Nothing to save: the parameter server's checkpoint holds the master, target and optimizer."""
 
+    def done(self) -> bool:
+        if self.local is not None:  # only the parameter server knows the run's env steps
+            run = self.cfg.run
+            return run.max_updates > 0 and self.learner.updates >= run.max_updates
+        return super().done()
+
     def step(self) -> None:
         if self.params_version == 0 and not self.sync():
+            if self.local is not None:
+                self.local.drain()  # actors may be up before the parameter server
             time.sleep(0.05)  # the parameter server is not up yet
             return
-        super().step()
+        if self.local is None:
+            super().step()
+            return
+        self.local.drain()
+        self.env_steps = self.local.env_steps
+        now = time.monotonic()
+        if now - self._info_last > self._info_every:
+            self.replay_info, self._info_last = self.local.info(), now
+        t0 = time.monotonic()
+        arrays = self.local.sample(self.cfg.learner.batch_size, beta_schedule(self.cfg.replay, self.learner.updates))
+        if arrays is None:  # below replay.min_size or rate limited: wait for inserts
+            self.local.wait(20)
+            return
+        self.rec.observe("apex_learner_batch_wait_seconds", time.monotonic() - t0)
+        self._train_on(arrays)
 
     def _train_on(self, arrays: dict) -> None:
         if self.learner.updates % self.cfg.learner.gorila_sync_every == 0:
@@ -116,17 +160,22 @@ class GorilaLearnerService(LearnerService):
         if not ok:
             self.rec.inc("apex_learner_nonfinite_losses_total")
             return
-        msg = Gradients(sender=self.sender, weights_version=self.params_version,
+        steps = self.local.env_steps - self.env_steps_reported if self.local is not None else 0
+        msg = Gradients(sender=self.sender, weights_version=self.params_version, env_steps=steps,
                         batch_size=int(arrays["index"].shape[0]), grad=flat_gradients(self.learner.online))
         if send_message(self.push, msg):  # zero-copy: flat_gradients returns fresh memory every time
             self.gradients_sent += 1
+            self.env_steps_reported += steps
             self.rec.inc("apex_learner_gradients_sent_total")
-        else:  # the parameter server is gone or far behind (send_timeout_ms)
+        else:  # the parameter server is gone or far behind (send_timeout_ms); steps go with the next
             self.gradients_unsent += 1
         prio = result.priorities
         ok = np.isfinite(prio)
-        self.client.send(PriorityUpdate(index=arrays["index"][ok], generation=arrays["generation"][ok],
-                                        priority=prio[ok].astype(np.float32)))
+        if self.local is not None:
+            self.local.update_priorities(arrays["index"][ok], arrays["generation"][ok], prio[ok])
+        else:
+            self.client.send(PriorityUpdate(index=arrays["index"][ok], generation=arrays["generation"][ok],
+                                            priority=prio[ok].astype(np.float32)))
         self.learner.updates += 1
         self.metrics = result.metrics
         self.rec.inc("apex_learner_updates_total")
@@ -136,7 +185,10 @@ class GorilaLearnerService(LearnerService):
 
     def close(self) -> None:
         self.push.close(linger=0)
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
+        if self.local is not None:
+            self.local.close()
         self.ctx.term()
         for seg in (self.slots, self.board, self.target_board):
             if seg is not None:

@@ -1,5 +1,6 @@
 """The Ape-X / R2D2 learner process: samples from the replay server, trains, sends priorities
-back and publishes weights to the shared-memory board.
+back and publishes weights to the shared-memory board (and, for remote actors, on a PUB
+socket: `transport.weights_over_pub`).
 
     learner ──SampleRequest×K──► replay      (K = learner.prefetch requests in flight)
             ◄──BatchReady(slot)──            copy the slot out, release it, update
@@ -25,8 +26,8 @@ from apex_local.losses import q_value_discrepancy
 from apex_local.networks import num_flat_parameters
 from apex_local.replay import beta_schedule
 from apex_local.transport import (BatchReady, BatchSlots, Error, Heartbeat, Info, InfoRequest, PriorityUpdate,
-                                  RequestClient, SampleRequest, StaleSlotError, WeightsBoard, endpoints,
-                                  new_context, segment_name)
+                                  RequestClient, SampleRequest, StaleSlotError, WeightsBoard, WeightsPublisher,
+                                  endpoints, new_context, segment_name, weights_over_pub)
 from apex_local.transport.shm import ShmError
 
 
@@ -34,6 +35,8 @@ DISCREPANCY_EVERY = 100  # updates between Q-value discrepancy measurements
 
 
 class LearnerService:
+    weights_pub: WeightsPublisher | None = None  # PUB for remote actors (weights_over_pub: README "Remote actors")
+
     def __init__(self, cfg: Config, run_id: str, spec, recorder: Recorder | None = None, log=print,
                  resume: bool = True) -> None:
         self.cfg, self.run_id, self.log = cfg, run_id, log
@@ -57,6 +60,9 @@ class LearnerService:
         self.ctx = new_context()
         self.client = RequestClient(self.ctx, endpoints(cfg, run_id)["replay_sample"], cfg.transport,
                                     max_in_flight=cfg.learner.prefetch + 1, on_orphan=self._orphan)
+        if weights_over_pub(cfg.transport):
+            self.weights_pub = WeightsPublisher(self.ctx, endpoints(cfg, run_id)["weights"], cfg.transport,
+                                                self.board.numel)
         self.slots: BatchSlots | None = None
         self._pinned = None
         self._init_loop_state("learner.0")
@@ -75,7 +81,10 @@ class LearnerService:
     # ------------------------------------------------------------------ weights
     def publish(self) -> None:
         version = self.learner.next_weights_version()
-        self.board.publish(self.learner.flat_weights(), version)
+        flat = self.learner.flat_weights()
+        self.board.publish(flat, version)
+        if self.weights_pub is not None:
+            self.weights_pub.publish(flat, version)
         self.rec.set("apex_learner_weights_version", version)
 
     # ------------------------------------------------------------------ batches
@@ -142,6 +151,8 @@ class LearnerService:
     def step(self) -> None:
         """One turn of the loop: keep K requests in flight, handle replies, train."""
         now = time.monotonic()
+        if self.weights_pub is not None:
+            self.weights_pub.tick()  # late subscribers get the newest weights even while not training
         if now - self._info_last > self._info_every and self.client.can_request:
             self.client.request(InfoRequest())
             self.client.send(Heartbeat(sender=self.sender, incarnation=self.incarnation))
@@ -175,6 +186,8 @@ class LearnerService:
                                          "env_steps": self.env_steps})
 
     def close(self) -> None:
+        if self.weights_pub is not None:
+            self.weights_pub.close()
         self.client.close()
         self.ctx.term()
         if self.slots is not None:

@@ -14,6 +14,11 @@ Two layers (STYLE.md #1, #3):
 * `ParamServerService` wires it to the PULL socket and the two shared-memory boards, and
   checkpoints to ``run.dir``.
 
+With ``learner.gorila_replay: local`` no replay server counts the actors' env steps: each
+gradient carries the env steps its learner's own replay received since that learner's previous
+gradient, the server sums them (``env_steps``, checkpointed) and `ParamServerService.done` ends
+the run at ``run.max_env_steps``. With the shared replay the learners end the run, as in Ape-X.
+
 Gradient vector layout (`flat_gradients` / `set_flat_gradients`): the trainable parameters in
 ``net.parameters()`` order, each flattened. That is the order of `networks.flat_parameters`
 (state_dict order) with the buffers (e.g. the C51 support) left out: a module's state_dict
@@ -108,6 +113,7 @@ class ParameterServer:
         self.applied = 0
         self.dropped = {r: 0 for r in DROP_REASONS}
         self.received: dict[str, int] = {}
+        self.env_steps = 0  # reported by learners with local replay (Gradients.env_steps)
 
     def apply(self, flat_grad, computed_on_version: int, learner_id: str | int = "0") -> bool:
         """One asynchronous SGD step with a learner's gradient; True if it was applied."""
@@ -161,7 +167,8 @@ class ParameterServer:
         return {"learner": self._learner.state_dict(),
                 "paramserver": {"version": self.version, "target_version": self.target_version,
                                 "applied": self.applied, "dropped": dict(self.dropped),
-                                "received": dict(self.received)}}
+                                "received": dict(self.received), "env_steps": self.env_steps},
+                "env_steps": self.env_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self._learner.load_state_dict(state["learner"])
@@ -170,6 +177,7 @@ class ParameterServer:
         self.applied = int(ps["applied"])
         self.dropped = {r: int(ps["dropped"].get(r, 0)) for r in DROP_REASONS}
         self.received = {str(k): int(v) for k, v in ps["received"].items()}
+        self.env_steps = int(ps.get("env_steps", 0))
 
 
 # --------------------------------------------------------------------------- the service
@@ -190,9 +198,14 @@ class ParamServerService:
         self.rec = recorder or NullRecorder()
         self.core = ParameterServer(cfg, spec)
         self.ckpt_path = run_dir(cfg) / CHECKPOINT_NAME
+        self.counts_env_steps = cfg.learner.gorila_replay == "local"
         if resume and self.ckpt_path.is_file():
             state = load_checkpoint(self.ckpt_path)
-            if "paramserver" in state:
+            if self.counts_env_steps and int(state.get("env_steps", 0)) >= cfg.run.max_env_steps:
+                done = self.ckpt_path.with_name("checkpoint.finished.pt")  # as LearnerService: a new run
+                self.ckpt_path.replace(done)
+                log(f"the run in {self.ckpt_path.parent} had finished; kept it as {done.name}, starting fresh")
+            elif "paramserver" in state:
                 self.core.load_state_dict(state)
                 log(f"resumed from {self.ckpt_path}: {self.core.applied} applied updates, v{self.core.version}")
             else:
@@ -214,6 +227,7 @@ class ParamServerService:
             raise
         for reason in DROP_REASONS:
             self.rec.inc("apex_paramserver_gradients_dropped_total", 0, reason=reason)
+        self.rec.inc("apex_paramserver_env_steps_total", self.core.env_steps)
         self.publish()
         self.publish_target()
 
@@ -246,6 +260,9 @@ class ParamServerService:
                 break
             msg = got[1]
             who = learner_label(msg.sender)
+            if msg.env_steps:  # counted whether or not the gradient is applied
+                self.core.env_steps += msg.env_steps
+                self.rec.inc("apex_paramserver_env_steps_total", msg.env_steps)
             self.rec.inc("apex_paramserver_gradients_received_total", learner=who)
             staleness = self.core.staleness(msg.weights_version)
             self.rec.observe("apex_paramserver_staleness", max(0, staleness))
@@ -263,6 +280,10 @@ class ParamServerService:
                     if n != before[reason]:
                         self.rec.inc("apex_paramserver_gradients_dropped_total", n - before[reason], reason=reason)
         return applied
+
+    def done(self) -> bool:
+        """Local-replay runs end here, at ``run.max_env_steps`` summed over the learners."""
+        return self.counts_env_steps and self.core.env_steps >= self.cfg.run.max_env_steps
 
     def checkpoint(self) -> None:
         from apex_local.agents.checkpoint import save_checkpoint

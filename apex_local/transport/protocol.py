@@ -11,7 +11,8 @@ batch_ready        replay -> learner (ROUTER)  request_id, slot_id, slot_seq, ep
                                                batch_size; optional arrays index,
                                                generation, weight (B,)
 priority_update    learner -> replay           index, generation (int64), priority (float32)
-gradients          learner -> paramserver      (Gorila) grad (N,) float32, batch_size
+gradients          learner -> paramserver      (Gorila) grad (N,) float32, batch_size,
+                                               env_steps (local replay: inserted since the last)
 info_request       any -> replay               request_id
 info               replay -> requester         request_id, data: small {str: scalar} map
 heartbeat          any -> any                  incarnation (random per process start)
@@ -195,10 +196,13 @@ class Gradients(Message):
     """Gorila: a learner's flat float32 gradient, computed at ``weights_version``."""
     KIND: ClassVar[str] = "gradients"
     batch_size: int = 0
+    # env steps the sender's local replay received since its previous gradient (Gorila with
+    # learner.gorila_replay: local; the parameter server sums them to end the run); else 0
+    env_steps: int = 0
     grad: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def fields(self):
-        return {"batch_size": int(self.batch_size)}
+        return {"batch_size": int(self.batch_size), "env_steps": int(self.env_steps)}
 
     def arrays(self):
         return {"grad": self.grad}
@@ -212,7 +216,8 @@ class Gradients(Message):
         g = arrays["grad"]
         if g.ndim != 1 or (limits.num_params and g.shape[0] != limits.num_params):
             raise ProtocolError("bad_shape", f"grad shape {g.shape}, expected ({limits.num_params or 'N'},)")
-        return cls(batch_size=get_int(h, "batch_size", 0, limits.max_items), grad=g, **base)
+        steps = get_int(h, "env_steps", 0, 1 << 40) if "env_steps" in h else 0
+        return cls(batch_size=get_int(h, "batch_size", 0, limits.max_items), env_steps=steps, grad=g, **base)
 
 
 @dataclass(kw_only=True, eq=False)
