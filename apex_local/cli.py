@@ -28,7 +28,25 @@ def _cmd_check_config(args) -> int:
     from apex_local.envs import resolve_env_id
 
     resolve_env_id(cfg.env.id)  # an unknown env id is a config error too (exit 2, close matches)
+    from apex_local.transport.curve import check_key_files
+
+    checked = check_key_files(cfg.transport)  # CURVE key files named by the config (CurveKeyError: exit 2)
     print(dump_config(cfg), end="")
+    for line in checked:
+        print(f"apex-local: CURVE {line}: ok", file=sys.stderr)
+    return 0
+
+
+def _cmd_keys(args) -> int:
+    from apex_local.transport.curve import generate_keys
+
+    ks = generate_keys(args.out, clients=args.clients, force=args.force)
+    print(f"wrote CURVE keys to {ks.out_dir} (directories 0700, files 0600):")
+    for path in ks.files():
+        print(f"  {path}")
+    print("\nKeep server.key_secret and authorized/ on the host that runs replay + learner; copy server.key and "
+          "one clients/client-K.key_secret (K >= 2) to each actor host.\nConfig lines:\n")
+    print(ks.config_lines(), end="")
     return 0
 
 
@@ -101,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between frames (rates span one interval)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.set_defaults(fn=_cmd_top)
+
+    p = sub.add_parser("keys", help="generate CURVE keys for remote actors (server + client certificates)")
+    p.add_argument("--out", "-o", required=True, help="key directory (created 0700; files 0600)")
+    p.add_argument("--clients", type=int, default=2,
+                   help="client keypairs: client-1 for the host that binds, client-2.. for actor hosts (default 2)")
+    p.add_argument("--force", action="store_true", help="replace existing keys (every host then needs the new files)")
+    p.set_defaults(fn=_cmd_keys)
 
     try:
         from apex_local.transport import clean  # noqa: F401

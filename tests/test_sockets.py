@@ -69,6 +69,33 @@ def test_socket_options(ctx):
         make_socket(ctx, "req", t)
 
 
+def test_curve_options_only_when_configured(tmp_path):
+    """Without curve_* fields sockets are plain (existing configs unchanged); with them a bound
+    tcp socket is a CURVE server, a connected one a CURVE client, and term() returns although
+    the context runs a ZAP authenticator."""
+    from apex_local.transport import RunContext, generate_keys
+
+    c = new_context()
+    assert isinstance(c, RunContext)
+    port = free_port()
+    plain = make_socket(c, "pull", TransportConfig(kind="tcp"), bind=f"tcp://127.0.0.1:{port}")
+    assert plain.getsockopt(zmq.MECHANISM) == zmq.NULL
+    ks = generate_keys(tmp_path / "k", clients=1)
+    t = TransportConfig(kind="tcp", curve_server_cert=str(ks.server_secret), curve_client_cert=str(ks.client_secrets[0]),
+                        curve_authorized_dir=str(ks.authorized_dir))
+    server = make_socket(c, "pull", t, bind=f"tcp://127.0.0.1:{free_port()}")
+    client = make_socket(c, "push", t, connect=f"tcp://127.0.0.1:{port}")
+    sub = make_socket(c, "sub", t, connect=f"tcp://127.0.0.1:{port}", max_message_bytes=5000)
+    assert server.getsockopt(zmq.MECHANISM) == zmq.CURVE and server.getsockopt(zmq.CURVE_SERVER) == 1
+    assert client.getsockopt(zmq.MECHANISM) == zmq.CURVE and client.getsockopt(zmq.CURVE_SERVER) == 0
+    assert sub.getsockopt(zmq.MAXMSGSIZE) == 5000 and sub.getsockopt(zmq.RCVHWM) == 4
+    for s in (plain, server, client, sub):
+        s.close()
+    t0 = time.monotonic()
+    c.term()
+    assert time.monotonic() - t0 < 2.0
+
+
 def test_port_in_use_tcp(ctx):
     port = free_port()
     ep = f"tcp://127.0.0.1:{port}"

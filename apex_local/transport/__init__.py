@@ -9,9 +9,12 @@ The only package that imports zmq. Modules:
 * `board`: the seqlock weights board (+ a PUB/SUB variant for remote actors).
 * `slots`: the ring of shared-memory batch slots between replay and learner.
 * `sockets` / `client`: endpoints, socket options, bind checks, the learner's `RequestClient`.
+* `curve`: CURVE keys for remote actors (`apex-local keys`), key loading, the ZAP allow-list.
 """
 from apex_local.transport.board import WeightsBoard, WeightsPublisher, WeightsSubscriber
 from apex_local.transport.client import RequestClient
+from apex_local.transport.curve import (
+    CurveKeyError, KeySet, RunContext, auth_stats, check_key_files, curve_enabled, generate_keys, weights_over_pub)
 from apex_local.transport.codec import PROTOCOL_VERSION, REASONS, DecodeLimits, ProtocolError
 from apex_local.transport.insert_spec import InsertSpec
 from apex_local.transport.protocol import (
@@ -32,4 +35,6 @@ __all__ = [
     "WeightsBoard", "WeightsPublisher", "WeightsSubscriber", "BatchSlots", "Slot", "StaleSlotError",
     "TransportError", "PortInUseError", "new_context", "endpoints", "make_socket", "bind_or_fail",
     "send_message", "recv_message", "wait_readable", "RequestClient",
+    "CurveKeyError", "KeySet", "RunContext", "auth_stats", "check_key_files", "curve_enabled", "generate_keys",
+    "weights_over_pub",
 ]

@@ -38,7 +38,7 @@ import numpy as np
 import zmq
 
 from apex_local.transport.shm import Segment, ShmError
-from apex_local.transport.sockets import make_socket, try_send
+from apex_local.transport.sockets import make_socket
 
 HEADER_BYTES = 64
 MAGIC = int.from_bytes(b"APEXWGT1", "little")
@@ -170,22 +170,46 @@ _PUB_HEADER = struct.Struct("<QQQ")  # magic, version, numel
 
 
 class WeightsPublisher:
-    """The board's bytes over ZMQ PUB (single-frame messages; subscribers CONFLATE) for actors
-    on another host. ``transport`` is a `TransportConfig`."""
+    """The board's bytes over ZMQ PUB for actors on another host (`transport.weights_transport:
+    pub`; CURVE-protected with `transport.curve_*`). ``transport`` is a `TransportConfig`.
 
-    def __init__(self, ctx: Any, endpoint: str, transport: Any, numel: int) -> None:
+    One single-frame message per version (subscribers CONFLATE, which cannot keep multipart
+    messages): ``<QQQ`` magic, version, numel, then numel raw float32. Each message is a fresh
+    buffer handed to ZMQ by reference (no copy by ZMQ, no pickle); `tick` re-sends the newest
+    one when nothing was published for ``resend_seconds``, so a subscriber that joins while the
+    learner is not training (replay filling) still gets weights (PUB has no history).
+    """
+
+    def __init__(self, ctx: Any, endpoint: str, transport: Any, numel: int, *, resend_seconds: float = 1.0) -> None:
         self.numel = int(numel)
+        self.resend_seconds = resend_seconds
         self.sock = make_socket(ctx, "pub", transport, bind=endpoint)
-        self._buf = bytearray(_PUB_HEADER.size + 4 * self.numel)
-        self._view = np.frombuffer(self._buf, np.float32, offset=_PUB_HEADER.size)
+        self._last: np.ndarray | None = None
+        self._sent_at = 0.0
 
     def publish(self, params: Any, version: int) -> bool:
         src = as_flat_float32(params)
         if src.shape[0] != self.numel:
             raise ValueError(f"publish: {src.shape[0]} parameters, publisher holds {self.numel}")
-        _PUB_HEADER.pack_into(self._buf, 0, MAGIC, int(version), self.numel)
-        self._view[:] = src
-        return try_send(self.sock, self._buf)
+        buf = np.empty(_PUB_HEADER.size + 4 * self.numel, np.uint8)  # fresh: ZMQ may still be sending the last
+        _PUB_HEADER.pack_into(buf, 0, MAGIC, int(version), self.numel)
+        buf[_PUB_HEADER.size:].view(np.float32)[:] = src
+        self._last = buf
+        return self._send()
+
+    def tick(self) -> bool:
+        """Re-send the newest message if nothing was sent for ``resend_seconds``; True if sent."""
+        if self._last is None or time.monotonic() - self._sent_at < self.resend_seconds:
+            return False
+        return self._send()
+
+    def _send(self) -> bool:
+        self._sent_at = time.monotonic()
+        try:  # PUB never blocks: a subscriber whose queue is full misses this one
+            self.sock.send(self._last, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -196,7 +220,11 @@ class WeightsSubscriber:
 
     def __init__(self, ctx: Any, endpoint: str, transport: Any, numel: int) -> None:
         self.numel = int(numel)
-        self.sock = make_socket(ctx, "sub", transport, connect=endpoint)
+        # a frame much bigger than a weights message is refused by ZMQ before it is read (bounded
+        # decode); the 64 KiB slack covers CURVE's per-message overhead and handshake commands,
+        # which the same limit applies to (the exact size is checked in `read`)
+        self.sock = make_socket(ctx, "sub", transport, connect=endpoint,
+                                max_message_bytes=_PUB_HEADER.size + 4 * self.numel + (1 << 16))
         self.stats = {"reads": 0, "rejected": 0}
 
     def read(self, out: np.ndarray, min_version: int = 0) -> int | None:

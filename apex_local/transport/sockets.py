@@ -17,7 +17,14 @@ a blocked send returns (False) and the caller can check for a shutdown signal; r
 sockets get MAXMSGSIZE = transport.max_message_bytes (a bigger frame drops the peer's
 connection). PUSH sockets set IMMEDIATE (never queue into a connection that is not up);
 ROUTER sockets set ROUTER_MANDATORY, so a reply to a vanished requester fails (False) and
-the server can free what it reserved for it; SUB sockets CONFLATE (keep only the newest).
+the server can free what it reserved for it; SUB sockets CONFLATE (keep only the newest);
+PUB/SUB (weights) queue at most ``_PUBSUB_HWM`` messages (a weights message can be large).
+
+CURVE (remote actors, `curve`): with ``transport.curve_server_cert`` set, every tcp socket
+is encrypted and authenticated: bound sockets are CURVE servers that admit only the client
+keys in ``transport.curve_authorized_dir`` (ZAP, refused at the handshake), connected
+sockets are CURVE clients with ``transport.curve_client_cert``. Use `new_context` (its
+`term` also stops the ZAP handler).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from typing import Any, Sequence
 import zmq
 
 from apex_local.transport.codec import DecodeLimits, ProtocolError
+from apex_local.transport.curve import RunContext, curve_enabled, secure_socket
 from apex_local.transport.protocol import DEFAULT_LIMITS, Message, decode
 from apex_local.transport.rundir import run_paths
 
@@ -41,6 +49,7 @@ _TYPES = {"push": zmq.PUSH, "pull": zmq.PULL, "dealer": zmq.DEALER, "router": zm
           "pub": zmq.PUB, "sub": zmq.SUB}
 _SENDING = {"push", "dealer", "router", "pub"}
 _RECEIVING = {"pull", "dealer", "router", "sub"}
+_PUBSUB_HWM = 4
 
 
 class TransportError(RuntimeError):
@@ -54,8 +63,9 @@ class PortInUseError(TransportError):
 
 
 def new_context() -> zmq.Context:
-    """A fresh ZMQ context (one per process; close it with ``ctx.term()`` / ``ctx.destroy(0)``)."""
-    return zmq.Context()
+    """A fresh ZMQ context (one per process; close it with ``ctx.term()`` / ``ctx.destroy(0)``,
+    which also stop its CURVE authenticator, if any)."""
+    return RunContext()
 
 
 def endpoints(cfg: Any, run_id: str) -> dict[str, str]:
@@ -74,9 +84,12 @@ def endpoints(cfg: Any, run_id: str) -> dict[str, str]:
 
 
 def make_socket(ctx: zmq.Context, kind: str, transport: Any, *, bind: str | None = None,
-                connect: str | None = None) -> zmq.Socket:
+                connect: str | None = None, max_message_bytes: int | None = None) -> zmq.Socket:
     """A socket of ``kind`` (push | pull | dealer | router | pub | sub) with the options in the
-    module docstring, bound (via `bind_or_fail`) or connected when an endpoint is given."""
+    module docstring, bound (via `bind_or_fail`) or connected when an endpoint is given; a
+    CURVE server / client for a tcp endpoint when CURVE is configured (`curve.secure_socket`;
+    a bad key file raises `curve.CurveKeyError`, exit 2). ``max_message_bytes`` overrides
+    ``transport.max_message_bytes`` for a receiving socket."""
     if kind not in _TYPES:
         raise ValueError(f"socket kind {kind!r}; choose one of {', '.join(_TYPES)}")
     t = getattr(transport, "transport", transport)
@@ -89,7 +102,10 @@ def make_socket(ctx: zmq.Context, kind: str, transport: Any, *, bind: str | None
     if kind in _SENDING:
         sock.setsockopt(zmq.SNDTIMEO, t.send_timeout_ms)
     if kind in _RECEIVING:
-        sock.setsockopt(zmq.MAXMSGSIZE, t.max_message_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes or t.max_message_bytes)
+    if kind in ("pub", "sub"):
+        sock.setsockopt(zmq.SNDHWM, _PUBSUB_HWM)
+        sock.setsockopt(zmq.RCVHWM, _PUBSUB_HWM)
     if kind == "push":
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if kind == "router":
@@ -98,6 +114,9 @@ def make_socket(ctx: zmq.Context, kind: str, transport: Any, *, bind: str | None
         sock.setsockopt(zmq.CONFLATE, 1)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
     try:
+        endpoint = bind or connect or ""
+        if endpoint.startswith("tcp://") and curve_enabled(t):
+            secure_socket(ctx, sock, t, server=bool(bind))
         if bind:
             bind_or_fail(sock, bind)
         if connect:
