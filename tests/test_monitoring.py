@@ -47,6 +47,13 @@ def test_gorila_targets_add_the_parameter_server_and_learners():
     assert {p.host for p in procs} == {"127.0.0.1"}  # a wildcard bind is scraped on loopback
 
 
+def test_gorila_with_local_replay_has_no_replay_target():
+    cfg = config_from_dict({"metrics": {"base_port": 12000}, "run": {"method": "gorila"},
+                            "learner": {"gorila_replay": "local"}})  # its replay process idles, no metrics port
+    procs = run_processes(cfg, actors=2, learners=2, evaluator=False)
+    assert [p.name for p in procs] == ["learner.0", "learner.1", "paramserver.0", "actor.0", "actor.1"]
+
+
 def test_targets_command_writes_the_file_atomically(tmp_path):
     out = tmp_path / "sub" / "targets.json"
     r = cli("targets", "--config", "configs/apex_cartpole.yaml", "--actors", "2", "--set", "metrics.base_port=15000",
@@ -241,3 +248,47 @@ def test_top_once_shows_every_role_and_the_missing_ones_as_down(live):
         assert lines[name].split()[1] == "down", r.stdout
     assert f"run {live.run_id}" in r.stdout
     assert "\x1b[" not in r.stdout  # no ANSI codes when not a terminal / --once
+
+
+def test_top_frame_shows_gorila_and_r2d2_details():
+    cfg = config_from_dict({"metrics": {"base_port": 12000}, "run": {"method": "gorila"}})
+    procs = run_processes(cfg, actors=1, learners=2, evaluator=False)
+    assert [p.name for p in procs] == ["replay.0", "learner.0", "learner.1", "paramserver.0", "actor.0"]
+    view = TopView(procs, "g1", interval=1.0)
+
+    def s(t, samples):
+        return Scrape(True, t, [(n, labels, v) for n, labels, v in samples])
+
+    def ps(t, applied, got0, got1, stale, count, total):
+        return s(t, [("apex_paramserver_gradients_applied_total", {}, applied),
+                     ("apex_paramserver_gradients_received_total", {"learner": "0"}, got0),
+                     ("apex_paramserver_gradients_received_total", {"learner": "1"}, got1),
+                     ("apex_paramserver_gradients_dropped_total", {"reason": "stale"}, stale),
+                     ("apex_paramserver_gradients_dropped_total", {"reason": "non_finite"}, 0),
+                     ("apex_paramserver_staleness_count", {}, count), ("apex_paramserver_staleness_sum", {}, total),
+                     ("apex_paramserver_weights_version", {}, applied + 1)])
+
+    def learner(t, sent, **extra):
+        return s(t, [("apex_learner_updates_total", {}, sent), ("apex_learner_gradients_sent_total", {}, sent)]
+                 + [(n, {}, v) for n, v in extra.items()])
+
+    down = Scrape(False, 0, error="refused")
+    view.prev = {"replay.0": down, "learner.0": learner(0, 10), "learner.1": learner(0, 4),
+                 "paramserver.0": ps(0, 10, 8, 4, 2, 12, 12), "actor.0": down}
+    cur = {"replay.0": down, "learner.0": learner(2, 30), "learner.1": learner(2, 24),
+           "paramserver.0": ps(2, 48, 28, 24, 2, 52, 92), "actor.0": down}
+    lines = {line.split()[0]: line for line in view.frame(cur).splitlines() if line.startswith(("learner", "param"))}
+    view.close()
+    p = lines["paramserver.0"]
+    assert "gradients applied 19.0/s" in p and "received by learner [0 10.0/s, 1 10.0/s]" in p, p
+    assert "staleness mean 2.0" in p and "dropped stale 2" in p and "non_finite" not in p and "weights v49" in p, p
+    assert "gradients sent 10.0/s" in lines["learner.0"] and "q discrepancy" not in lines["learner.0"]
+
+    # R2D2 (no parameter server): the learner's Q discrepancy, no gradients column
+    procs = run_processes(config_from_dict({"metrics": {"base_port": 12000}}), actors=0, evaluator=False)
+    view = TopView(procs, "r1", interval=1.0)
+    view.prev = {"replay.0": down, "learner.0": learner(0, 0)}
+    text = view.frame({"replay.0": down, "learner.0": learner(1, 100, apex_learner_q_discrepancy=0.0421)})
+    view.close()
+    (line,) = [x for x in text.splitlines() if x.startswith("learner.0")]
+    assert "q discrepancy 0.0421" in line and "gradients sent" not in line, line

@@ -46,11 +46,14 @@ def scrape_host(host: str) -> str:
 
 def run_processes(cfg, actors: int, learners: int = 1, evaluator: bool = True) -> list[Process]:
     """Every process of a topology: replay, learner(s), evaluator, the Gorila parameter server
-    (``run.method: gorila``), actors 0..N-1, with the metrics endpoint each one binds."""
+    (``run.method: gorila``), actors 0..N-1, with the metrics endpoint each one binds. A Gorila
+    run whose learners host their own replay (``learner.gorila_replay: local``) has no replay
+    endpoint: its replay process idles without a metrics port."""
     if actors < 0 or learners < 0:
         raise ValueError(f"need actors >= 0 and learners >= 0, got actors={actors}, learners={learners}")
     host, base = scrape_host(cfg.metrics.host), cfg.metrics.base_port
-    roles = [("replay", 0)] + [("learner", j) for j in range(learners)]
+    local_replay = cfg.run.method == "gorila" and getattr(cfg.learner, "gorila_replay", "shared") == "local"
+    roles = ([] if local_replay else [("replay", 0)]) + [("learner", j) for j in range(learners)]
     if evaluator:
         roles.append(("evaluator", 0))
     if cfg.run.method == "gorila":

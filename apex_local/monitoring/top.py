@@ -4,6 +4,11 @@
 Each frame compares two scrapes ``interval`` seconds apart, so rates are per second over that
 interval. A process that does not answer is shown as ``down`` with the reason; it never stops
 the view. ``--once`` prints one frame (after one interval) and exits.
+
+Per method: a Gorila run (its process list has a parameter server) shows the parameter
+server's applied gradients/s, per-learner received rates, mean staleness and drops, and each
+learner's gradients sent/s (and its own replay's size and inserts/s with
+``learner.gorila_replay: local``); an R2D2 learner adds its latest Q-value discrepancy.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ class TopView:
         self.timeout = timeout
         self.prev: dict[str, Scrape] = {}
         self.returns: dict[str, deque] = {p.name: deque(maxlen=returns_kept) for p in processes if p.role == "actor"}
+        self.gorila = any(p.role == "paramserver" for p in processes)
         self._pool = ThreadPoolExecutor(max_workers=min(16, max(1, len(processes))))
 
     def poll(self) -> dict[str, Scrape]:
@@ -119,10 +125,20 @@ class TopView:
         wait_n = rate(s, prev, "apex_learner_batch_wait_seconds_count")
         wait_s = rate(s, prev, "apex_learner_batch_wait_seconds_sum")
         wait = 1000 * wait_s / wait_n if wait_n and wait_s is not None else None
-        return (f"updates {_num(rate(s, prev, 'apex_learner_updates_total'), ',.1f')}/s  "
+        text = (f"updates {_num(rate(s, prev, 'apex_learner_updates_total'), ',.1f')}/s  "
                 f"loss {_num(s.get('apex_learner_loss'), '.4g')}  |td| {_num(s.get('apex_learner_td_abs_mean'), '.4g')}  "
                 f"q {_num(s.get('apex_learner_q_mean'), '.4g')}  weights v{_num(s.get('apex_learner_weights_version'))}  "
                 f"batch wait {_num(wait, '.1f')} ms")
+        if self.gorila:  # every learner exports the counter (at 0): show it where it means something
+            text += f"  gradients sent {_num(rate(s, prev, 'apex_learner_gradients_sent_total'), ',.1f')}/s"
+        size = s.get("apex_learner_replay_size")  # a Gorila learner's own replay (learner.gorila_replay: local)
+        if size is not None:
+            text += (f"  local replay {_num(size)}/{_num(s.get('apex_learner_replay_capacity'))}"
+                     f" insert {_num(rate(s, prev, 'apex_learner_replay_inserted_total'))}/s")
+        dq = s.get("apex_learner_q_discrepancy")  # R2D2 learners, after their first measurement
+        if dq is not None:
+            text += f"  q discrepancy {_num(dq, '.4f')}"
+        return text
 
     def _evaluator(self, p, s, prev, newest) -> str:
         if not s.get("apex_evaluator_episodes_total"):
@@ -134,8 +150,17 @@ class TopView:
                   f"{_num(s.get('apex_evaluator_episodes_total'))} episodes)")
 
     def _paramserver(self, p, s, prev, newest) -> str:
+        received = ", ".join(
+            f"{who} {_num(rate(s, prev, 'apex_paramserver_gradients_received_total', learner=who), ',.1f')}/s"
+            for who in sorted(s.by_label("apex_paramserver_gradients_received_total", "learner")))
+        dropped = s.by_label("apex_paramserver_gradients_dropped_total", "reason")
+        dropped_text = ", ".join(f"{reason} {_num(n)}" for reason, n in sorted(dropped.items()) if n > 0) or "0"
+        n = rate(s, prev, "apex_paramserver_staleness_count")
+        total = rate(s, prev, "apex_paramserver_staleness_sum")
+        staleness = total / n if n and total is not None else None
         return (f"gradients applied {_num(rate(s, prev, 'apex_paramserver_gradients_applied_total'), ',.1f')}/s  "
-                f"weights v{_num(s.get('apex_paramserver_weights_version'))}")
+                f"received by learner [{received or 'none yet'}]  staleness mean {_num(staleness, '.1f')}  "
+                f"dropped {dropped_text}  weights v{_num(s.get('apex_paramserver_weights_version'))}")
 
     def _actor(self, p, s, prev, newest) -> str:
         version = s.get("apex_actor_weights_version")
