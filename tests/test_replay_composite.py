@@ -175,3 +175,59 @@ def test_replay_state_dict_round_trip():
     later["obs_seq"] = np.array([[45]])
     later["next_seq"] = np.array([[46]])
     assert copy.insert(0, later) == 1
+
+
+def continued_chunk(first_frame, n_items, priority):
+    """What an actor sends mid-stream (k=1): frames first_frame .. first_frame + n_items - 1, and
+    n_items transitions whose first one starts at the previous chunk's last frame."""
+    seqs = np.arange(first_frame, first_frame + n_items)
+    c = {"frames": (seqs[:, None, None] % 250 * np.ones((1, *F))).astype(np.uint8),
+         "frame_stream": np.zeros(n_items, np.int32), "frame_seq": seqs, "stream": np.zeros(n_items, np.int32),
+         "obs_seq": (seqs - 1)[:, None], "next_seq": seqs[:, None], "action": np.zeros(n_items, np.int64),
+         "reward": np.ones(n_items, np.float32), "discount": np.full(n_items, 0.9, np.float32),
+         "priority": np.asarray(priority, np.float32)}
+    return c
+
+
+# (chunks sent to a fresh replay as (first_frame, n_items), stored items, gap items)
+GAP_CASES = [
+    # the replay restarted empty while the actor was at frame 100: its first item references
+    # frame 99, which the replay never got; it is skipped, the other two are stored
+    ([(100, 3)], 2, 1),
+    # ... and from the next chunk on, the stream is whole again
+    ([(100, 3), (103, 3)], 5, 1),
+    # messages lost in between (replay restored a snapshot taken at frame 5, actor at 50)
+    ([(1, 5), (50, 2)], 4 + 1, 1 + 1),
+    # an actor process restarted (seqs start over): a new stream, nothing lost but its first item
+    ([(1, 5), (1, 2)], 4 + 1, 1 + 1),
+]
+
+
+@pytest.mark.parametrize("chunks, stored, gap", GAP_CASES)
+def test_items_referencing_frames_the_replay_lost_are_skipped(chunks, stored, gap):
+    replay = Replay(TransitionTable(64, F, np.uint8, 1), sampler_for("prioritized", 64))
+    done = 0
+    for i, (first, n) in enumerate(chunks):
+        done += replay.insert(0, continued_chunk(first, n, priority=np.arange(1, n + 1) * (i + 1)))
+    assert done == replay.size == replay.inserted == stored
+    assert replay.table.gap_items == gap
+    # the kept items got their own priorities (the skipped item's is not shifted onto another)
+    got = replay.sampler.state()["priorities"][: replay.size] ** (1 / 0.6)
+    assert got[-1] == pytest.approx(len(chunks) * chunks[-1][1], rel=1e-4)
+    assert got[0] == pytest.approx(2.0, rel=1e-4)  # item 1 of the first chunk (item 0 was skipped)
+
+
+@pytest.mark.parametrize("obs_seq, match", [
+    (30, "obs_seq"),  # after the newest frame and not in the chunk: never sent
+    (2, "obs_seq"),  # behind the chunk but not in a gap: the replay had it and it is gone
+])
+def test_references_outside_a_gap_are_still_refused(obs_seq, match):
+    replay = Replay(TransitionTable(64, F, np.uint8, 1, frame_capacity=4), sampler_for("prioritized", 64))
+    for first in (1, 3, 5, 7):  # frames 1..8 (the ring keeps 5..8); frame 0 never came: 1 gap item
+        replay.insert(0, continued_chunk(first, 2, priority=np.ones(2)))
+    bad = continued_chunk(9, 2, priority=np.ones(2))
+    bad["obs_seq"] = bad["obs_seq"].copy()
+    bad["obs_seq"][1] = obs_seq
+    with pytest.raises(ChunkError, match=match):
+        replay.insert(0, bad)
+    assert replay.size == 7 and replay.table.gap_items == 1

@@ -2,6 +2,7 @@
 and through honcho; bad messages on the replay socket; clean shutdown."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -154,4 +155,34 @@ def test_actor_survives_env_errors_and_keeps_sending(topo):
     assert "simulated emulator crash" in t.log("actor.0")
     codes = t.stop(signal.SIGTERM)
     assert all(code == 0 for code, _ in codes.values()), (codes, t.dump())
+    assert t.leftovers() == []
+
+
+@pytest.mark.skipif(shutil.which("honcho") is None, reason="honcho not installed")
+def test_sigint_to_honcho_stops_every_process_with_0_within_3s(topo):
+    """Fault 9 (docs/reliability.md): Ctrl-C in the terminal reaches honcho, which SIGTERMs
+    each process group and SIGKILLs whatever is left after 5 s; none may be left."""
+    t = topo({"run.max_env_steps": 10**9, "replay.min_size": 300})
+    log = t.tmp / "honcho.log"
+    p = subprocess.Popen(["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "-c", "actor=2"],
+                         cwd=ROOT, env=t.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t.wait_for(lambda: t.metrics("learner").get("apex_learner_updates_total", 0) >= 20, 120, "learner updates")
+        t.wait_for(lambda: t.metrics("evaluator").get("apex_evaluator_episodes_total", 0) >= 1, 60, "an evaluation")
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        code = p.wait(timeout=15)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    stopped = [line for line in text.splitlines() if "stopped (rc=" in line]
+    print(f"SIGINT to honcho: honcho exit {code} after {took:.2f}s; "
+          + "; ".join(s.split("|", 1)[1].strip() for s in stopped))
+    assert len(stopped) == 6, text[-3000:]  # replay, learner, 2 actors, evaluator, paramserver
+    assert all("stopped (rc=0)" in s for s in stopped), text[-3000:]
+    assert "SIGKILL" not in text, text[-3000:]
+    assert took < 3.0, (took, text[-3000:])
+    assert (t.tmp / "run" / "checkpoint.pt").is_file()  # the learner's final checkpoint
     assert t.leftovers() == []

@@ -59,6 +59,7 @@ class FramePlan:
     restarted: np.ndarray  # (streams,) bool: seqs went backwards, start a fresh window
     frame_loc: np.ndarray  # (F,) index into keys of each frame's stream
     refs: list  # resolved gid arrays, one per reference field
+    drop: np.ndarray  # (B,) bool: items referencing frames the replay lost (a gap); not stored
 
 
 _SEQ_LIMIT = 1 << 40  # seqs are < 2^40 so (stream index, seq) packs into one int64 key
@@ -110,6 +111,13 @@ class FrameStore:
         Raises ChunkError (nothing changed) for non-increasing seqs within a stream, or a
         reference to a seq the store does not hold after this chunk (never sent, outside the
         stream window, or overwritten in the ring). Vectorised over streams and fields.
+
+        One exception: a reference into a *gap* of its stream, a seq after the newest one the
+        store holds for the stream (any seq, for a stream it has never seen) and before the
+        first frame of this chunk, means the replay lost those frames (it restarted, from a
+        snapshot or empty, while the actor kept going). Those items are marked in
+        ``plan.drop`` and not stored; the rest of the chunk is, so an actor's stream heals
+        with its next chunk instead of being refused forever.
         """
         n_new = frame_seq.shape[0]
         if n_new > self.capacity:
@@ -140,6 +148,14 @@ class FrameStore:
             last[known] = self._last_seq[rows[g][known]]
             restarted[g] = known & (frame_seq[order][first] <= last)
         window_ok = (rows >= 0) & ~restarted
+        # the gap of each stream: (newest seq held, first seq of this chunk), exclusive
+        gap_lo = np.full(streams.size, -1, np.int64)
+        gap_lo[window_ok] = self._last_seq[rows[window_ok]]
+        gap_hi = np.full(streams.size, -1, np.int64)  # -1: no frames of that stream in the chunk, no gap
+        if n_new:
+            gap_hi[g] = frame_seq[order][first]
+        n_items = item_stream.shape[0]
+        drop = np.zeros(n_items, bool)
         out = []
         for name, r in refs:
             real = r >= 0
@@ -160,6 +176,12 @@ class FrameStore:
                 ok = (self._win_seq[row, slot] == want) & (wgid >= held_from)
                 got[miss[ok]] = wgid[ok]
                 found[miss[ok]] = True
+            lost = ~found & (seq > gap_lo[loc]) & (seq < gap_hi[loc])
+            if lost.any():
+                item = np.broadcast_to(np.arange(n_items)[:, None], r.shape)[real]
+                drop[item[lost]] = True
+                found |= lost
+                got[lost] = -1
             if not found.all():
                 j = np.flatnonzero(~found)[0]
                 raise ChunkError(
@@ -168,7 +190,7 @@ class FrameStore:
             gids = np.full(r.shape, -1, np.int64)
             gids[real] = got
             out.append(gids)
-        return FramePlan(gid, keys, rows, restarted, f_loc, out)
+        return FramePlan(gid, keys, rows, restarted, f_loc, out, drop)
 
     def commit(self, plan: FramePlan, frame_seq: np.ndarray, frames: np.ndarray) -> None:
         """Write the chunk's frames and register their seqs (after ``prepare`` succeeded)."""

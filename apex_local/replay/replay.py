@@ -88,7 +88,10 @@ class Replay:
         slots = self.table.insert_chunk(actor_id, chunk)
         n = int(slots.size)
         if n:
-            self.sampler.add(slots, chunk.get("priority"))
+            priority = chunk.get("priority")
+            if priority is not None and self.table.last_kept is not None:
+                priority = np.asarray(priority)[self.table.last_kept]
+            self.sampler.add(slots, priority)
         if self.rate_limiter is not None and n:
             self.rate_limiter.on_insert(n)
             overwritten = n - (self.table.size - before)

@@ -78,6 +78,8 @@ class _ItemTable:
         self.generation[...] = 0
         self.cursor = 0  # items ever written; the next slot is cursor % capacity
         self.size = 0
+        self.gap_items = 0  # items skipped because they referenced frames the replay lost
+        self.last_kept = None  # (B,) mask of the last chunk's stored items; None = all
 
     @staticmethod
     def _item_layout(capacity: int, columns: list[Column]) -> Layout:
@@ -108,9 +110,11 @@ class _ItemTable:
 
     # ------------------------------------------------------------------ insert
     def insert_chunk(self, actor_id: int, chunk: Mapping) -> np.ndarray:
-        """Validate ``chunk`` fully, then write its frames and items; returns the (B,) int64
-        slots written. Keys besides the documented ones (e.g. ``priority``) are ignored here
-        (``priority`` is checked, then used by the sampler)."""
+        """Validate ``chunk`` fully, then write its frames and items; returns the int64 slots
+        written. Keys besides the documented ones (e.g. ``priority``) are ignored here
+        (``priority`` is checked, then used by the sampler). Items that reference frames the
+        replay lost (see ``FrameStore.prepare``) are skipped: ``last_kept`` is then the (B,)
+        mask of the items stored (None when all were), and ``gap_items`` counts the skipped."""
         if not isinstance(chunk, Mapping):
             raise ChunkError(f"chunk: expected a mapping of arrays, got {type(chunk).__name__}")
         frames = _field(chunk, "frames", None, "")
@@ -135,6 +139,12 @@ class _ItemTable:
         self.frame_store.commit(plan, frame_seq, frames)
         for (name, _), gids in zip(refs, plan.refs):
             values[name] = gids
+        self.last_kept = None  # items of a gap (frames the replay lost) are not stored
+        if plan.drop.any():
+            self.last_kept = ~plan.drop
+            self.gap_items += int(plan.drop.sum())
+            values = {name: v[self.last_kept] for name, v in values.items()}
+            b = int(self.last_kept.sum())
         slots = (self.cursor + np.arange(b, dtype=np.int64)) % self.capacity
         for name, v in values.items():
             self._data[name][slots] = v

@@ -18,10 +18,11 @@ from collections import deque
 
 import numpy as np
 
-from apex_local.config import Config
+from apex_local.config import Config, run_dir
 from apex_local.metrics import NullRecorder, Recorder
 from apex_local.replay import ChunkError, beta_schedule, make_replay, replay_nbytes
 from apex_local.replay.frames import layout_nbytes
+from apex_local.replay.snapshot import SNAPSHOT_NAME, SnapshotError, load_snapshot, save_snapshot
 from apex_local.transport import (BatchReady, BatchSlots, DecodeLimits, Error, Heartbeat, Info, InfoRequest,
                                   InsertSpec, PriorityUpdate, ProtocolError, SampleRequest, allocator,
                                   check_free_space, endpoints, make_socket, new_context, recv_message, segment_name,
@@ -39,7 +40,8 @@ def insert_spec(cfg: Config, spec) -> InsertSpec:
 
 
 class ReplayServer:
-    def __init__(self, cfg: Config, run_id: str, spec, recorder: Recorder | None = None, log=print) -> None:
+    def __init__(self, cfg: Config, run_id: str, spec, recorder: Recorder | None = None, log=print,
+                 restore: bool = True) -> None:
         self.cfg, self.run_id, self.spec, self.log = cfg, run_id, spec, log
         self.rec = recorder or NullRecorder()
         r, t = cfg.replay, cfg.transport
@@ -77,7 +79,79 @@ class ReplayServer:
         self.rec.set("apex_replay_capacity", r.capacity)
         for reason in REASONS + ("bad_chunk",):
             self.rec.inc("apex_replay_rejected_messages_total", 0, reason=reason)
+        self.rec.inc("apex_replay_gap_items_total", 0)
+        self._gap_logs = 0
         self._answer_within = max(0.005, t.request_timeout_ms / 2000.0)
+        self.snapshot_path = run_dir(cfg) / SNAPSHOT_NAME
+        self._gap_items = 0
+        self._next_snapshot = None
+        if r.snapshot_every_seconds > 0:
+            self._next_snapshot = time.monotonic() + r.snapshot_every_seconds
+            for name in ("apex_replay_snapshots_total", "apex_replay_snapshot_errors_total"):
+                self.rec.inc(name, 0)
+            if restore:
+                try:
+                    self.restore_snapshot()
+                except BaseException:
+                    self.close()
+                    raise
+
+    # ------------------------------------------------------------------ snapshots
+    def _fingerprint(self) -> dict:
+        c = self.cfg
+        return {"kind": "sequence" if c.recurrent else "transition", "capacity": int(self.replay.capacity),
+                "frame_shape": list(self.spec.frame_shape), "frame_dtype": str(self.spec.obs_dtype),
+                "frame_stack": int(self.spec.frame_stack), "prioritized": bool(c.replay.prioritized)}
+
+    def snapshot(self) -> bool:
+        """Write the replay and the counters to ``run_dir/replay_snapshot.npz`` (atomically).
+        A failure (disk full, ...) is logged and counted; serving goes on and the previous
+        snapshot is kept."""
+        t0 = time.monotonic()
+        meta = {"env_steps": int(self.env_steps), "episodes": int(self.episodes),
+                "fingerprint": self._fingerprint(), "run_id": self.run_id, "written_at": time.time()}
+        try:
+            save_snapshot(self.snapshot_path, self.replay.state_dict(), meta)
+        except SnapshotError as exc:
+            self.rec.inc("apex_replay_snapshot_errors_total")
+            self.log(f"snapshot failed: {exc}")
+            return False
+        took = time.monotonic() - t0
+        self.rec.inc("apex_replay_snapshots_total")
+        self.rec.set("apex_replay_snapshot_seconds", took)
+        self.log(f"snapshot: {self.replay.size} items, {self.env_steps} env steps -> {self.snapshot_path} "
+                 f"({took:.2f}s)")
+        return True
+
+    def restore_snapshot(self) -> bool:
+        """Load ``run_dir/replay_snapshot.npz`` if there is one. A snapshot of a finished run
+        (its env steps reached ``run.max_env_steps``) is kept as ``replay_snapshot.finished.npz``
+        and the replay starts empty, like the learner's checkpoint. A snapshot made for another
+        replay layout is a `SnapshotError` naming both (move it away or start with --fresh)."""
+        path = self.snapshot_path
+        if not path.is_file():
+            return False
+        state, meta = load_snapshot(path)
+        if int(meta.get("env_steps", 0)) >= self.cfg.run.max_env_steps:
+            done = path.with_name("replay_snapshot.finished.npz")
+            os.replace(path, done)
+            self.log(f"{path} is from a finished run ({meta.get('env_steps')} env steps); kept as {done.name}, "
+                     "starting empty")
+            return False
+        want = self._fingerprint()
+        if meta.get("fingerprint") != want:
+            raise SnapshotError(f"replay snapshot {path} was made for a different replay "
+                                f"({meta.get('fingerprint')}), this config needs {want}: move the file away or "
+                                "start the replay with --fresh (APEX_FRESH=1)")
+        try:
+            self.replay.load_state_dict(state)
+        except (KeyError, ValueError, IndexError) as exc:
+            raise SnapshotError(f"replay snapshot {path} does not fit this replay: {exc}") from None
+        self.env_steps, self.episodes = int(meta.get("env_steps", 0)), int(meta.get("episodes", 0))
+        self._gap_items = self.replay.table.gap_items
+        self.rec.inc("apex_replay_env_steps_total", self.env_steps)
+        self.log(f"restored {self.replay.size} items, {self.env_steps} env steps from {path}")
+        return True
 
     # ------------------------------------------------------------------ loop
     def run(self, shutdown, status=None) -> None:
@@ -90,8 +164,13 @@ class ReplayServer:
                 self._drain_requests()
             self._serve_pending()
             self.rec.set("apex_replay_size", self.replay.size)
+            if self._next_snapshot is not None and time.monotonic() >= self._next_snapshot:
+                self.snapshot()
+                self._next_snapshot = time.monotonic() + self.cfg.replay.snapshot_every_seconds
             if status is not None:
                 status(self)
+        if self._next_snapshot is not None:  # a clean stop: the newest contents survive
+            self.snapshot()
 
     def _reject(self, reason: str, detail: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -119,6 +198,14 @@ class ReplayServer:
             self.env_steps += msg.env_steps
             self.episodes += len(msg.episode_returns)
             self.rec.inc("apex_replay_inserted_total", n)
+            if self.replay.table.gap_items != self._gap_items:
+                lost = self.replay.table.gap_items - self._gap_items
+                self._gap_items = self.replay.table.gap_items
+                self.rec.inc("apex_replay_gap_items_total", lost)
+                self._gap_logs += 1
+                if self._gap_logs <= 8 or self._gap_logs % 1000 == 0:
+                    self.log(f"actor {msg.actor_id}: skipped {lost} items referencing frames this replay never "
+                             "got (it restarted while the actor ran); the stream continues")
             self.rec.inc("apex_replay_env_steps_total", msg.env_steps)
 
     def _drain_requests(self) -> None:
