@@ -119,7 +119,7 @@ def test_2_replay_killed_and_restarted_restores_its_snapshot_and_training_resume
     blocked0 = counter(t, "actor", "apex_actor_send_blocked_seconds_total")
     time.sleep(3.0)
     assert rss_bytes(actor_pid) - rss0 < 32 << 20
-    assert counter(t, "actor", "apex_actor_send_blocked_seconds_total") >= blocked0  # exported while blocked
+    assert counter(t, "actor", "apex_actor_send_blocked_seconds_total") > blocked0 + 1.0  # counted while blocked
     t0 = time.monotonic()
     t.start("replay", 0)
     t.wait_for(lambda: "restored " in t.log("replay.0"), 30, "snapshot restored")
@@ -301,7 +301,6 @@ def test_6_non_finite_losses_are_skipped_then_the_learner_stops_with_exit_3(topo
     ckpt = torch.load(t.tmp / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)["state"]["learner"]
     for name, tensor in ckpt["online"].items():
         assert torch.isfinite(tensor).all(), f"non-finite {name} reached the checkpoint"
-    assert "skipped" in log or "non-finite" in log
     del t.procs["learner.0"]
     assert_clean_exit(t)
 

@@ -51,7 +51,7 @@ def test_local_dqn_reaches_200_on_cartpole(tmp_path):
 
 
 # Velocity-masked CartPole (obs = [x, theta], frame_stack 1): only the LSTM can recover the
-# velocities. Seeds 0-2 reach 150 at 20k-30k env steps (36-66 s); 80k is the budget.
+# velocities. Seeds 0-2 reach 150 at 10k-12.5k env steps (~20 s, Ape-X ε ladder); 80k is the budget.
 @pytest.mark.timeout(900)
 def test_recurrent_agent_reaches_150_on_masked_cartpole(tmp_path):
     _learn(tmp_path, "r2d2_cartpole_masked.yaml", seed=0, budget=80_000, eval_every=2500, threshold=150.0,

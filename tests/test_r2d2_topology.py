@@ -29,8 +29,8 @@ from apex_local.transport import (BatchReady, BatchSlots, Error, Insert, Request
                                   make_socket, new_context, segment_name, send_message)
 
 R2D2_BASE = "configs/r2d2_cartpole_masked.yaml"
-# the settings that make the recurrent agent learn over the topology within about a minute
-LEARNING = {"actor.exploration": "apex", "replay.samples_per_insert": 4}
+# the shipped file as it is (Ape-X ε ladder, 32 samples per insert) learns over the topology
+LEARNING: dict = {}
 
 
 @pytest.fixture

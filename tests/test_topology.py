@@ -162,10 +162,12 @@ def test_actor_survives_env_errors_and_keeps_sending(topo):
 def test_sigint_to_honcho_stops_every_process_with_0_within_3s(topo):
     """Fault 9 (docs/reliability.md): Ctrl-C in the terminal reaches honcho, which SIGTERMs
     each process group and SIGKILLs whatever is left after 5 s; none may be left."""
-    t = topo({"run.max_env_steps": 10**9, "replay.min_size": 300})
+    t = topo({"run.max_env_steps": 10**9, "replay.min_size": 300, "learner.checkpoint_every_seconds": 0})
     log = t.tmp / "honcho.log"
+    out = open(log, "wb")
     p = subprocess.Popen(["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "-c", "actor=2"],
-                         cwd=ROOT, env=t.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+                         cwd=ROOT, env=t.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    out.close()
     try:
         t.wait_for(lambda: t.metrics("learner").get("apex_learner_updates_total", 0) >= 20, 120, "learner updates")
         t.wait_for(lambda: t.metrics("evaluator").get("apex_evaluator_episodes_total", 0) >= 1, 60, "an evaluation")
@@ -184,5 +186,6 @@ def test_sigint_to_honcho_stops_every_process_with_0_within_3s(topo):
     assert all("stopped (rc=0)" in s for s in stopped), text[-3000:]
     assert "SIGKILL" not in text, text[-3000:]
     assert took < 3.0, (took, text[-3000:])
-    assert (t.tmp / "run" / "checkpoint.pt").is_file()  # the learner's final checkpoint
+    assert (t.tmp / "run" / "checkpoint.pt").is_file()  # the final one: periodic checkpoints are off
+    assert "stopping (signal SIGTERM); checkpoint" in text
     assert t.leftovers() == []

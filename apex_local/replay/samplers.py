@@ -17,6 +17,8 @@ actors supply the initial priorities of new items.
 """
 from __future__ import annotations
 
+import json
+
 from typing import TYPE_CHECKING, Mapping, Protocol
 
 import numpy as np
@@ -44,6 +46,21 @@ class Sampler(Protocol):
     def sample(self, batch_size: int, beta: float = 0.0) -> tuple[np.ndarray, np.ndarray]: ...
     def state(self) -> dict: ...
     def restore(self, state: Mapping) -> None: ...
+
+
+def _rng_state(rng: np.random.Generator) -> str:
+    """The generator's state as JSON (a snapshot restores the exact draws that would follow)."""
+    return json.dumps(rng.bit_generator.state)
+
+
+def _set_rng_state(rng: np.random.Generator, state: str | None) -> None:
+    if state is None:  # a state without it (older snapshot): keep the seeded generator
+        return
+    try:
+        rng.bit_generator.state = json.loads(state)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"sampler rng state does not fit this generator "
+                         f"({type(rng.bit_generator).__name__}): {exc}") from None
 
 
 def _buffer(buffers: Mapping[str, np.ndarray] | None, name: str, shape, dtype) -> np.ndarray:
@@ -209,7 +226,7 @@ class PrioritizedSampler(_ValidSet):
     def state(self) -> dict:
         """Copies of the priorities and validity, for a replay snapshot."""
         return {"kind": "prioritized", "priorities": self._sum.leaves.copy(),
-                "valid": self._valid.copy(), "max_priority": self._max_priority}
+                "valid": self._valid.copy(), "max_priority": self._max_priority, "rng": _rng_state(self._rng)}
 
     def restore(self, state: Mapping) -> None:
         if state.get("kind") != "prioritized":
@@ -222,6 +239,7 @@ class PrioritizedSampler(_ValidSet):
         self._valid[:] = valid
         self._size = int(np.count_nonzero(valid))
         self._max_priority = float(state["max_priority"])
+        _set_rng_state(self._rng, state.get("rng"))
 
 
 class UniformSampler(_ValidSet):
@@ -290,13 +308,14 @@ class UniformSampler(_ValidSet):
         return idx.astype(np.int64, copy=False), np.ones(batch_size, dtype=np.float32)
 
     def state(self) -> dict:
-        return {"kind": "uniform", "valid": self._valid.copy()}
+        return {"kind": "uniform", "valid": self._valid.copy(), "rng": _rng_state(self._rng)}
 
     def restore(self, state: Mapping) -> None:
         if state.get("kind") != "uniform":
             raise ValueError(f"not a uniform sampler state: kind {state.get('kind')!r}")
         self._valid[:] = np.asarray(state["valid"], dtype=bool)
         self._size = int(np.count_nonzero(self._valid))
+        _set_rng_state(self._rng, state.get("rng"))
         nz = np.flatnonzero(self._valid)
         self._high = int(nz[-1]) + 1 if nz.size else 0
 

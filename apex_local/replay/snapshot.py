@@ -29,7 +29,8 @@ SNAPSHOT_NAME = "replay_snapshot.npz"
 _FORMAT = "apex-local-replay-snapshot-v1"
 _META = "__meta__"
 
-__all__ = ["SNAPSHOT_NAME", "SnapshotError", "save_snapshot", "load_snapshot", "snapshot_nbytes"]
+__all__ = ["SNAPSHOT_NAME", "SnapshotError", "save_snapshot", "load_snapshot", "snapshot_nbytes",
+           "remove_partial_snapshots"]
 
 
 class SnapshotError(BadInputError):
@@ -94,6 +95,7 @@ def save_snapshot(path: str | os.PathLike, state: Mapping, meta: Mapping | None 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_partial_snapshots(path)  # a writer SIGKILLed mid-write left its temp file (GBs for Atari)
         need = sum(a.nbytes for a in arrays.values()) + len(header) + 1024 * (len(arrays) + 2)
         st = os.statvfs(path.parent)
         free = st.f_bavail * st.f_frsize
@@ -118,6 +120,20 @@ def save_snapshot(path: str | os.PathLike, state: Mapping, meta: Mapping | None 
         raise SnapshotError(f"could not write replay snapshot {path}: {exc.strerror or exc} "
                             f"(the previous snapshot, if any, is kept)") from exc
     return path
+
+
+def remove_partial_snapshots(path: str | os.PathLike) -> list[Path]:
+    """Delete temp files of writes to ``path`` that never finished (their writer was killed);
+    one replay server writes a run's snapshot, so any such file is dead. Returns them."""
+    path = Path(path)
+    gone = []
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        try:
+            tmp.unlink()
+            gone.append(tmp)
+        except FileNotFoundError:
+            pass
+    return gone
 
 
 def load_snapshot(path: str | os.PathLike) -> tuple[dict, dict]:

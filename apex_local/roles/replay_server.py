@@ -22,7 +22,8 @@ from apex_local.config import Config, run_dir
 from apex_local.metrics import NullRecorder, Recorder
 from apex_local.replay import ChunkError, beta_schedule, make_replay, replay_nbytes
 from apex_local.replay.frames import layout_nbytes
-from apex_local.replay.snapshot import SNAPSHOT_NAME, SnapshotError, load_snapshot, save_snapshot
+from apex_local.replay.snapshot import (SNAPSHOT_NAME, SnapshotError, load_snapshot, remove_partial_snapshots,
+                                        save_snapshot)
 from apex_local.transport import (BatchReady, BatchSlots, DecodeLimits, Error, Heartbeat, Info, InfoRequest,
                                   InsertSpec, PriorityUpdate, ProtocolError, SampleRequest, allocator,
                                   check_free_space, endpoints, make_socket, new_context, recv_message, segment_name,
@@ -99,9 +100,16 @@ class ReplayServer:
     # ------------------------------------------------------------------ snapshots
     def _fingerprint(self) -> dict:
         c = self.cfg
-        return {"kind": "sequence" if c.recurrent else "transition", "capacity": int(self.replay.capacity),
-                "frame_shape": list(self.spec.frame_shape), "frame_dtype": str(self.spec.obs_dtype),
-                "frame_stack": int(self.spec.frame_stack), "prioritized": bool(c.replay.prioritized)}
+        r = c.replay
+        out = {"kind": "sequence" if c.recurrent else "transition", "capacity": int(self.replay.capacity),
+               "env_id": self.spec.env_id, "num_actions": int(self.spec.num_actions),
+               "frame_shape": list(self.spec.frame_shape), "frame_dtype": str(self.spec.obs_dtype),
+               "frame_stack": int(self.spec.frame_stack), "prioritized": bool(r.prioritized),
+               "n_step": int(r.n_step), "gamma": float(r.gamma)}  # stored returns depend on these two
+        if c.recurrent:
+            out.update(burn_in=int(r.burn_in), sequence_length=int(r.sequence_length),
+                       sequence_period=int(r.sequence_period), lstm_size=int(c.network.lstm_size))
+        return out
 
     def snapshot(self) -> bool:
         """Write the replay and the counters to ``run_dir/replay_snapshot.npz`` (atomically).
@@ -112,9 +120,9 @@ class ReplayServer:
                 "fingerprint": self._fingerprint(), "run_id": self.run_id, "written_at": time.time()}
         try:
             save_snapshot(self.snapshot_path, self.replay.state_dict(), meta)
-        except SnapshotError as exc:
+        except Exception as exc:  # noqa: BLE001 - disk full, MemoryError, ...: keep serving
             self.rec.inc("apex_replay_snapshot_errors_total")
-            self.log(f"snapshot failed: {exc}")
+            self.log(f"snapshot failed ({type(exc).__name__}): {exc}")
             return False
         took = time.monotonic() - t0
         self.rec.inc("apex_replay_snapshots_total")
@@ -129,6 +137,8 @@ class ReplayServer:
         and the replay starts empty, like the learner's checkpoint. A snapshot made for another
         replay layout is a `SnapshotError` naming both (move it away or start with --fresh)."""
         path = self.snapshot_path
+        for tmp in remove_partial_snapshots(path):
+            self.log(f"removed {tmp.name}, a snapshot write that never finished")
         if not path.is_file():
             return False
         state, meta = load_snapshot(path)
@@ -147,6 +157,9 @@ class ReplayServer:
             self.replay.load_state_dict(state)
         except (KeyError, ValueError, IndexError) as exc:
             raise SnapshotError(f"replay snapshot {path} does not fit this replay: {exc}") from None
+        # priority updates still in flight from before the crash carry generations of the old
+        # contents; a slot refilled after the snapshot may be back at the same number: move on
+        self.replay.table.generation[...] += 1
         self.env_steps, self.episodes = int(meta.get("env_steps", 0)), int(meta.get("episodes", 0))
         self._gap_items = self.replay.table.gap_items
         self.rec.inc("apex_replay_env_steps_total", self.env_steps)
