@@ -1,0 +1,401 @@
+"""Prioritized replay vs peers (cpprb, TorchRL): the Ape-X workload, each library in-process.
+
+    python -m bench.bench_replay_peers [--quick] [--impls apex_local,cpprb,...] [--capacity N] [--cycles N]
+
+Workload (bench/bench_replay.py's, the Ape-X paper's replay settings): insert chunks of 50
+n-step transitions (k = 4 stacked 84x84 uint8 frames, n = 3) until the buffer is full, keep
+inserting (overwriting) for a fifth of the capacity more, then run ``--cycles`` of sample 512
+(alpha 0.6, beta 0.4) + update 512 priorities. Each implementation runs in its own
+subprocess (so peak RSS is its own), one after the other, with the same interpreter.
+
+Implementations (``--impls``):
+
+- ``apex_local``: our ``make_replay`` (``configs/apex_pong.yaml``'s replay section, capacity
+  overridden): frames stored once, stacks rebuilt at sample time into a preallocated batch, as
+  the replay server does into a shared-memory slot. Chunks as an actor sends them (5 env
+  streams x 10 steps, each frame once) from bench/bench_replay.py's ``ChunkSource``.
+- ``cpprb``: ``cpprb.PrioritizedReplayBuffer`` with obs and next_obs stacks stored per
+  transition (2 x 4 x 84 x 84 B), the layout any generic buffer needs for an n-step transition
+  from interleaved env streams.
+- ``cpprb_compressed``: cpprb's Atari memory mode (``next_of="obs"`` + ``stack_compress="obs"``):
+  frames shared between consecutive transitions. It assumes ONE env stream added in order and a
+  1-step next observation (next_obs of item i = obs of item i+1), so it cannot store the Ape-X
+  actor's n-step transitions from 5 interleaved streams as they are; fed here with one stream's
+  sequential 1-step transitions. Shown for its memory and speed, not as an equivalent store.
+- ``torchrl_tensor`` / ``torchrl_memmap``: ``torchrl.data.TensorDictPrioritizedReplayBuffer``
+  over ``LazyTensorStorage`` (RAM) / ``LazyMemmapStorage`` (a file in a temp dir), obs and
+  next_obs stacks per transition as in TorchRL's DQN Atari example.
+
+Timed: only the library calls (insert / sample / update); building the peers' input arrays is
+outside the clocks. Peak RSS: ``getrusage`` max RSS of the subprocess (imports included); the
+RSS before the buffer is built is reported next to it. A peer layout that would not fit in
+MemAvailable (RAM storages) or in free disk space (memmap) is skipped with that reason rather
+than swapping the machine. Every figure is also given as a ratio to ``apex_local`` of the same
+invocation (peer / ours: > 1 = the peer is faster / uses more memory).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAME = (84, 84)
+K, N_STEP, CHUNK, BATCH, ALPHA, BETA = 4, 3, 50, 512, 0.6, 0.4
+STACK_BYTES = K * FRAME[0] * FRAME[1]
+IMPLS = ("apex_local", "cpprb", "cpprb_compressed", "torchrl_tensor", "torchrl_memmap")
+PEER_PACKAGES = {"cpprb": "cpprb", "cpprb_compressed": "cpprb", "torchrl_tensor": "torchrl",
+                 "torchrl_memmap": "torchrl"}
+QUICK = {"capacity": 100_000, "cycles": 200}
+FULL = {"capacity": 1_000_000, "cycles": 300}
+INSTALL_HINT = "pip install -e '.[bench]'"
+
+
+class Skip(Exception):
+    """The implementation cannot run here (package missing, layout too large, ...)."""
+
+
+def rss_now_gib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def mem_available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def need_package(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise Skip(f"package `{name}` not installed ({e.__class__.__name__}: {e}); install the peers with "
+                   f"`{INSTALL_HINT}`") from None
+
+
+class PeerChunks:
+    """Peer input: chunk c = 50 transitions whose obs / next obs stacks (k=4) come from a pool of
+    997 random frames. ``generic``: (50, 4, 84, 84) obs and next obs n=3 frames later;
+    ``compressed``: one stream's consecutive 1-step transitions, stack on the last axis."""
+
+    def __init__(self, rng: np.random.Generator, compressed: bool = False) -> None:
+        self.pool = rng.integers(0, 256, (997, *FRAME), dtype=np.uint8)
+        self.compressed = compressed
+        self.c = 0
+        self.rng = rng
+
+    def next(self) -> dict:
+        c = self.c
+        self.c += 1
+        if self.compressed:
+            t = (c * CHUNK + np.arange(CHUNK + 1))[:, None] + np.arange(K)
+            stacks = np.ascontiguousarray(self.pool[t % self.pool.shape[0]].transpose(0, 2, 3, 1))
+            obs, nxt = stacks[:-1], stacks[1:]
+        else:
+            start = (c * 53) % (self.pool.shape[0] - CHUNK - K - N_STEP)
+            idx = (start + np.arange(CHUNK))[:, None] + np.arange(K)
+            obs, nxt = self.pool[idx], self.pool[idx + N_STEP]
+        return {"obs": obs, "next_obs": nxt, "action": self.rng.integers(0, 6, CHUNK),
+                "reward": np.ones(CHUNK, np.float32), "discount": np.full(CHUNK, 0.99 ** N_STEP, np.float32),
+                "priority": self.rng.random(CHUNK).astype(np.float32) + 1e-3}
+
+
+# ------------------------------------------------------------------ implementations
+# Each builder returns (insert(chunk) -> n, make_chunk() -> chunk, cycle_fns, info);
+# cycle_fns = (sample() -> handle, update(handle, priorities)).
+
+def build_apex_local(capacity: int, rng: np.random.Generator):
+    from apex_local.api import resolve_config
+    from apex_local.replay.replay import make_replay
+    from bench.bench_replay import ChunkSource
+
+    cfg = resolve_config(ROOT / "configs" / "apex_pong.yaml",
+                         [f"replay.capacity={capacity}", f"replay.min_size={BATCH}", "replay.samples_per_insert=0",
+                          f"replay.alpha={ALPHA}", f"replay.beta={BETA}", f"learner.batch_size={BATCH}"])
+    replay = make_replay(cfg, FRAME, np.uint8, K, num_actions=6, rng=rng)
+    src = ChunkSource(rng)
+    out = {key: np.zeros(shape, dt) for key, shape, dt in replay.batch_layout(BATCH)}
+
+    def sample():
+        return replay.sample(BATCH, beta=BETA, out=out)
+
+    def update(res, prio):
+        replay.update_priorities(res.indices, res.generations, prio)
+
+    return (lambda chunk: replay.insert(0, chunk)), src.next, (sample, update), \
+        {"layout": "frames once (k=4, n=3, 5 streams)", "size": lambda: replay.size}
+
+
+def build_cpprb(capacity: int, rng: np.random.Generator, compressed: bool = False):
+    cpprb = need_package("cpprb")
+    if compressed:
+        need = capacity * (FRAME[0] * FRAME[1]) * 1.05
+        env = {"obs": {"shape": (*FRAME, K), "dtype": np.ubyte}, "act": {"dtype": np.int64},
+               "rew": {"dtype": np.float32}, "discount": {"dtype": np.float32}}
+        kw = {"next_of": ("obs",), "stack_compress": "obs"}
+        layout = "frames shared (next_of + stack_compress; 1 stream, 1-step next)"
+    else:
+        need = capacity * 2 * STACK_BYTES
+        env = {"obs": {"shape": (K, *FRAME), "dtype": np.ubyte}, "next_obs": {"shape": (K, *FRAME), "dtype": np.ubyte},
+               "act": {"dtype": np.int64}, "rew": {"dtype": np.float32}, "discount": {"dtype": np.float32}}
+        kw = {}
+        layout = "obs + next_obs stacks per transition"
+    check_ram(need)
+    rb = cpprb.PrioritizedReplayBuffer(capacity, env, alpha=ALPHA, **kw)
+    src = PeerChunks(rng, compressed)
+
+    def insert(ch):
+        rb.add(obs=ch["obs"], next_obs=ch["next_obs"], act=ch["action"], rew=ch["reward"],
+               discount=ch["discount"], priorities=ch["priority"])
+        return CHUNK
+
+    def sample():
+        return rb.sample(BATCH, beta=BETA)
+
+    def update(s, prio):
+        rb.update_priorities(s["indexes"], prio)
+
+    return insert, src.next, (sample, update), {"layout": layout, "size": rb.get_stored_size}
+
+
+def build_torchrl(capacity: int, rng: np.random.Generator, memmap: bool = False):
+    need_package("torchrl")
+    import torch
+    from tensordict import TensorDict
+    try:
+        importlib.import_module("torchrl._torchrl")
+    except ImportError as e:
+        raise Skip(f"torchrl {version('torchrl')} is installed but its C++ extension (the segment trees "
+                   f"its PrioritizedSampler needs) does not load against torch {torch.__version__}: "
+                   f"{str(e).rsplit(': ', 1)[-1][:48]}...; install a torchrl built for this torch") from None
+    from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictPrioritizedReplayBuffer
+
+    need = capacity * 2 * STACK_BYTES
+    if memmap:
+        scratch = tempfile.mkdtemp(prefix="apex-bench-torchrl-")
+        free = shutil.disk_usage(scratch).free
+        if need > 0.9 * free:
+            raise Skip(f"memmap layout needs {need / 2**30:.1f} GiB on disk, {free / 2**30:.1f} GiB free")
+        storage = LazyMemmapStorage(capacity, scratch_dir=scratch)
+    else:
+        check_ram(need)
+        storage = LazyTensorStorage(capacity)
+    rb = TensorDictPrioritizedReplayBuffer(alpha=ALPHA, beta=BETA, storage=storage, batch_size=BATCH,
+                                           priority_key="td_error")
+    src = PeerChunks(rng)
+
+    def make():
+        ch = src.next()
+        return TensorDict({"obs": torch.from_numpy(ch["obs"]), "next_obs": torch.from_numpy(ch["next_obs"]),
+                           "action": torch.from_numpy(ch["action"]), "reward": torch.from_numpy(ch["reward"]),
+                           "discount": torch.from_numpy(ch["discount"]),
+                           "td_error": torch.from_numpy(ch["priority"])}, batch_size=[CHUNK])
+
+    def insert(td):
+        rb.extend(td)
+        return CHUNK
+
+    def update(s, prio):
+        rb.update_priority(s["index"], torch.from_numpy(prio))
+
+    return insert, make, (rb.sample, update), \
+        {"layout": "obs + next_obs stacks per transition" + (" (memmap file)" if memmap else ""),
+         "size": lambda: len(rb), "torch_threads": torch.get_num_threads()}
+
+
+def check_ram(need: float) -> None:
+    avail = mem_available_bytes()
+    if need > 0.8 * avail:
+        raise Skip(f"layout needs {need / 2**30:.1f} GiB of RAM, MemAvailable {avail / 2**30:.1f} GiB "
+                   f"(skipped rather than swapping; run with a smaller --capacity)")
+
+
+BUILDERS = {"apex_local": build_apex_local, "cpprb": build_cpprb,
+            "cpprb_compressed": lambda c, r: build_cpprb(c, r, compressed=True),
+            "torchrl_tensor": build_torchrl, "torchrl_memmap": lambda c, r: build_torchrl(c, r, memmap=True)}
+
+
+def version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version as v
+    try:
+        return v(pkg)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def measure(impl: str, capacity: int, cycles: int, seed: int = 0) -> dict:
+    """Run one implementation in this process; returns a result row (or {"skipped": why})."""
+    rng = np.random.default_rng(seed)
+    row = {"impl": impl, "capacity": capacity, "cycles": cycles, "load_start": os.getloadavg()[0]}
+    try:
+        # imports first, so that "RSS before the buffer" includes them (cpprb touches its arrays at
+        # construction; ours and TorchRL's fill lazily)
+        if impl == "apex_local":
+            importlib.import_module("apex_local.replay.replay")
+        else:
+            need_package(PEER_PACKAGES[impl])
+            if impl.startswith("torchrl"):
+                importlib.import_module("torchrl.data")
+        row["rss_before_gib"] = rss_now_gib()
+        insert, make, (sample, update), info = BUILDERS[impl](capacity, rng)
+    except Skip as e:
+        return {**row, "skipped": str(e)}
+    size = info.pop("size")
+    row.update(info)
+    for phase, count in (("fill", capacity), ("overwrite", max(capacity // 5, CHUNK))):
+        n, busy = 0, 0.0
+        t_wall = time.perf_counter()
+        while n < count:
+            chunk = make()
+            t0 = time.perf_counter()
+            n += insert(chunk)
+            busy += time.perf_counter() - t0
+        row[f"{phase}_per_s"] = n / busy
+        row[f"{phase}_wall_s"] = time.perf_counter() - t_wall
+        print(f"[{impl}] {phase}: {n:,} transitions, {n / busy:,.0f}/s (size {size():,})", file=sys.stderr, flush=True)
+    prio = [rng.random(BATCH).astype(np.float32) + 1e-3 for _ in range(8)]
+    for i in range(3):  # warm-up (first-call allocations), untimed
+        update(sample(), prio[i])
+    t_s = t_u = 0.0
+    for i in range(cycles):
+        t0 = time.perf_counter()
+        s = sample()
+        t1 = time.perf_counter()
+        update(s, prio[i % 8])
+        t2 = time.perf_counter()
+        t_s += t1 - t0
+        t_u += t2 - t1
+    row.update(cycles_per_s=cycles / (t_s + t_u), sample_ms=1e3 * t_s / cycles, update_ms=1e3 * t_u / cycles,
+               peak_rss_gib=peak_rss_gib(), load_end=os.getloadavg()[0])
+    print(f"[{impl}] sample {BATCH} + update {BATCH}: {row['cycles_per_s']:,.1f} cycles/s; "
+          f"peak RSS {row['peak_rss_gib']:.2f} GiB", file=sys.stderr, flush=True)
+    return row
+
+
+def run(quick: bool = False, impls=IMPLS, capacity: int | None = None, cycles: int | None = None,
+        timeout: float = 1800) -> list[dict]:
+    """Each implementation in its own subprocess (same interpreter); rows in ``impls`` order."""
+    p = dict(QUICK if quick else FULL)
+    if capacity:
+        p["capacity"] = capacity
+    if cycles:
+        p["cycles"] = cycles
+    rows = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for impl in impls:
+        cmd = [sys.executable, "-m", "bench.bench_replay_peers", "--one", impl,
+               "--capacity", str(p["capacity"]), "--cycles", str(p["cycles"])]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            row = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
+                {"impl": impl, "skipped": f"subprocess failed (exit {proc.returncode}); see its stderr above"}
+        except subprocess.TimeoutExpired:
+            row = {"impl": impl, "skipped": f"timed out after {timeout:.0f} s"}
+        rows.append(row)
+    base = next((r for r in rows if r["impl"] == "apex_local" and "skipped" not in r), None)
+    for r in rows:
+        if base and "skipped" not in r:
+            for key in ("fill_per_s", "overwrite_per_s", "cycles_per_s", "peak_rss_gib"):
+                r[f"{key}_ratio"] = r[key] / base[key]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    has_base = any(r["impl"] == "apex_local" and "skipped" not in r for r in rows)
+    rat = (lambda r, k: f" ({r[k + '_ratio']:.2f}x)") if has_base else (lambda r, k: "")
+    lines = ["| implementation | layout | insert, filling (transitions/s) | insert, ring full (transitions/s) "
+             "| sample 512 + update 512 (cycles/s) | sample / update ms | peak RSS GiB (before buffer) "
+             "| load 1 min start / end |",
+             "|---|---|---|---|---|---|---|---|"]
+    skipped = []
+    for r in rows:
+        if "skipped" in r:
+            skipped.append(f"- `{r['impl']}` skipped: {r['skipped']}")
+            continue
+        lines.append(f"| {r['impl']} | {r['layout']} | {r['fill_per_s']:,.0f}{rat(r, 'fill_per_s')} "
+                     f"| {r['overwrite_per_s']:,.0f}{rat(r, 'overwrite_per_s')} "
+                     f"| {r['cycles_per_s']:,.1f}{rat(r, 'cycles_per_s')} | {r['sample_ms']:.2f} / {r['update_ms']:.2f} "
+                     f"| {r['peak_rss_gib']:.2f}{rat(r, 'peak_rss_gib')} ({r['rss_before_gib']:.2f}) "
+                     f"| {r['load_start']:.1f} / {r['load_end']:.1f} |")
+    return "\n".join(lines + ([""] + skipped if skipped else []))
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Bar charts (inserts/s, cycles/s, peak RSS) of the rows that ran; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [r for r in rows if "skipped" not in r]
+    if not ok:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    names = [r["impl"] for r in ok]
+    for ax, key, title in zip(axes, ("fill_per_s", "cycles_per_s", "peak_rss_gib"),
+                              ("insert, filling (transitions/s)", "sample 512 + update 512 (cycles/s)",
+                               "peak RSS (GiB)")):
+        vals = [r[key] for r in ok]
+        bars = ax.bar(names, vals, color=["tab:blue" if n == "apex_local" else "tab:gray" for n in names])
+        for b, r in zip(bars, ok):
+            label = f"{r[key + '_ratio']:.2f}x" if key + "_ratio" in r else ""
+            ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(f"Prioritized replay, capacity {ok[0]['capacity']:,}, 84x84 uint8, k=4 "
+                 f"(ratios vs apex_local)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=f"capacity {QUICK['capacity']:,}, {QUICK['cycles']} cycles")
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma list of: " + ", ".join(IMPLS))
+    ap.add_argument("--capacity", type=int, default=None)
+    ap.add_argument("--cycles", type=int, default=None)
+    ap.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)  # child mode: one impl, JSON on stdout
+    args = ap.parse_args(argv)
+    if args.one:
+        p = QUICK if args.quick else FULL
+        print(json.dumps(measure(args.one, args.capacity or p["capacity"], args.cycles or p["cycles"])))
+        return 0
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    bad = [i for i in impls if i not in IMPLS]
+    if bad:
+        ap.error(f"unknown implementation(s) {bad}")
+    print(table(run(args.quick, impls, args.capacity, args.cycles)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
