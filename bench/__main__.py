@@ -36,12 +36,9 @@ def _version(pkg: str) -> str:
 
 
 def machine() -> str:
-    cpu, mem = platform.machine(), "?"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from bench._topo import cpu_model
+
+    cpu, mem = cpu_model(), "?"
     try:
         kib = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
                    if ln.startswith("MemTotal:"))

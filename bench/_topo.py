@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -65,10 +66,14 @@ def machine_busy_seconds() -> float:
 
 
 def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 # ---------------------------------------------------------------------------------- registry
@@ -250,21 +255,10 @@ def tail(path: Path | None, n: int = 2500) -> str:
 
 
 def scrape(port: int) -> dict[str, float]:
-    import urllib.request
+    """A process's /metrics, by series name summed over labels (tests/service_harness.py)."""
+    from service_harness import scrape as scrape_metrics
 
-    from service_harness import _LINE
-
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        mm = _LINE.match(line)
-        if not mm or line.startswith("#"):
-            continue
-        out[mm.group(1)] = out.get(mm.group(1), 0.0) + float(mm.group(3))
-    return out
+    return scrape_metrics(port)
 
 
 # ---------------------------------------------------------------------------------- rotation

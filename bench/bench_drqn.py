@@ -270,14 +270,9 @@ def plot(results: list[dict], path: Path, title: str, context: list[dict] | None
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bench._topo import cpu_model
+
+    cpu = cpu_model()
     try:
         import torch
 

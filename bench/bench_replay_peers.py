@@ -66,13 +66,10 @@ class Skip(Exception):
 
 
 def rss_now_gib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2 ** 20
-    except OSError:
-        pass
-    return float("nan")
+    from apex_local.monitoring.procstats import resident_bytes
+
+    rss = resident_bytes("self")  # anon + file + shmem = VmRSS
+    return sum(rss.values()) / 2 ** 30 if rss else float("nan")
 
 
 def peak_rss_gib() -> float:

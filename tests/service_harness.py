@@ -22,6 +22,24 @@ ROOT = Path(__file__).resolve().parents[1]
 _LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$')
 
 
+def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """{'name{labels}': value} and {'name': value summed over labels} from
+    http://host:port/metrics; {} if nothing answers."""
+    try:
+        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m or line.startswith("#"):
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+        out[name + labels] = value
+        out[name] = out.get(name, 0.0) + value
+    return out
+
+
 def free_port_block(size: int = 200) -> int:
     """A base port with ``size`` free ports above it (best effort)."""
     for _ in range(50):
@@ -70,25 +88,38 @@ class Topology:
         self.procs[name] = p
         return p
 
+    def start_honcho(self, concurrency: str) -> subprocess.Popen:
+        """``honcho start -c CONCURRENCY`` on the repository's Procfile with this topology's
+        config, in its own session; output in ``tmp/honcho.log`` (`honcho_log`)."""
+        with open(self.tmp / "honcho.log", "wb") as out:
+            return subprocess.Popen(["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "-c",
+                                     concurrency], cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    def run_honcho(self, concurrency: str, timeout: float = 300) -> tuple[int | None, str]:
+        """`start_honcho` and wait for it to end by itself: (exit code, honcho's output); a run
+        still going after ``timeout`` is SIGKILLed (code None)."""
+        p = self.start_honcho(concurrency)
+        try:
+            code = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        return code, self.honcho_log()
+
+    def honcho_log(self) -> str:
+        log = self.tmp / "honcho.log"
+        return log.read_text(errors="replace") if log.exists() else ""
+
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace") if name in self.logs else ""
 
     def metrics(self, role: str, index: int = 0) -> dict[str, float]:
-        """{'name{labels}': value} and {'name': summed value} from the process's /metrics."""
-        port = metrics_port(self.metrics_base, role, index)
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-        except OSError:
-            return {}
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            m = _LINE.match(line)
-            if not m or line.startswith("#"):
-                continue
-            name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
-            out[name + labels] = value
-            out[name] = out.get(name, 0.0) + value
-        return out
+        """`scrape` of the process's /metrics ({} while it does not answer)."""
+        return scrape(metrics_port(self.metrics_base, role, index))
 
     def wait_for(self, predicate, timeout: float, what: str, interval: float = 0.5):
         end = time.monotonic() + timeout

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,37 +19,16 @@ import zmq
 
 from service_harness import ROOT, Topology, free_port_block
 
+from apex_local.monitoring.procstats import resident_bytes
 from apex_local.transport import Insert, endpoints
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-def topo(tmp_path):
-    made = []
-
-    def make(overrides=None, **kw):
-        t = Topology(tmp_path / f"t{len(made)}", overrides, **kw)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        for p in t.procs.values():  # a SIGSTOPped process must be continued before it can die
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-        t.kill_all()
-
-
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    rss = resident_bytes(pid)  # anon + file + shmem = VmRSS
+    assert rss, f"no RSS for {pid}"
+    return sum(rss.values())
 
 
 def sigkill(t: Topology, name: str) -> None:

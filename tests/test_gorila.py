@@ -6,6 +6,7 @@ learner, exits cleanly; launched by honcho). The same with a local replay per le
 the parameter server."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ import pytest
 import torch
 import zmq
 
-from service_harness import ROOT, Topology
+from service_harness import ROOT
 
 from apex_local.agents.builders import make_learner
 from apex_local.agents.checkpoint import load_checkpoint, save_checkpoint
@@ -319,17 +320,9 @@ def test_paramserver_idles_for_other_methods_and_exits_0_on_sigterm():
 # --------------------------------------------------------------------------- processes
 
 @pytest.fixture
-def topo(tmp_path):
-    made = []
-
-    def make(overrides=None, base="configs/gorila_cartpole.yaml"):
-        t = Topology(tmp_path / f"t{len(made)}", overrides, base=base)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.kill_all()
+def topo(topo):
+    """conftest's `topo`, with the Gorila CartPole config as the default base."""
+    return functools.partial(topo, base="configs/gorila_cartpole.yaml")
 
 
 def test_gorila_learns_survives_a_killed_learner_and_exits_cleanly(topo):
@@ -369,16 +362,7 @@ def test_gorila_learns_survives_a_killed_learner_and_exits_cleanly(topo):
 @pytest.mark.skipif(shutil.which("honcho") is None, reason="honcho not installed")
 def test_honcho_starts_gorila_with_two_learners_and_exits_0(topo):
     t = topo({"run.max_env_steps": 12_000, "replay.min_size": 500})
-    log = t.tmp / "honcho.log"
-    p = subprocess.Popen(["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "-c",
-                          "actor=2,learner=2"], cwd=ROOT, env=t.env, stdout=open(log, "wb"),
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        code = p.wait(timeout=300)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    text = log.read_text(errors="replace")
+    code, text = t.run_honcho("actor=2,learner=2")
     assert code == 0, text[-4000:]
     assert "learner.1" in text and "learner.2" in text and "paramserver.1" in text
     assert "stopping (reached" in text and "applied updates, checkpoint" in text, text[-4000:]
@@ -588,16 +572,7 @@ def test_gorila_local_replay_learns_reroutes_around_a_killed_learner_and_exits_c
 @pytest.mark.skipif(shutil.which("honcho") is None, reason="honcho not installed")
 def test_honcho_starts_gorila_with_local_replay_and_the_paramserver_ends_the_run(topo):
     t = topo({"run.max_env_steps": 12_000, "replay.min_size": 500}, base="configs/gorila_cartpole_local.yaml")
-    log = t.tmp / "honcho.log"
-    p = subprocess.Popen(["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "-c",
-                          "actor=2,learner=2"], cwd=ROOT, env=t.env, stdout=open(log, "wb"),
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        code = p.wait(timeout=300)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    text = log.read_text(errors="replace")
+    code, text = t.run_honcho("actor=2,learner=2")
     assert code == 0, text[-4000:]
     assert "replay.1" in text and "idle" in text and "learner.2" in text
     assert "paramserver.1" in text and "stopping (reached" in text, text[-4000:]

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from service_harness import ROOT, Topology
+from service_harness import ROOT
 
 from apex_local.agents.learner import Learner
 from apex_local.config import apply_overrides, config_from_dict
@@ -31,20 +31,6 @@ from apex_local.transport import (BatchReady, BatchSlots, Error, Insert, Request
 R2D2_BASE = "configs/r2d2_cartpole_masked.yaml"
 # the shipped file as it is (Ape-X ε ladder, 32 samples per insert) learns over the topology
 LEARNING: dict = {}
-
-
-@pytest.fixture
-def topo(tmp_path):
-    made = []
-
-    def make(overrides=None, **kw):
-        t = Topology(tmp_path / f"t{len(made)}", overrides, **kw)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.kill_all()  # SIGKILL to each process group still alive, then `clean(run_id)`
 
 
 def _config(overrides: dict):

@@ -18,7 +18,6 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pytest
 import yaml
 import zmq
 
-from service_harness import _LINE, ROOT, Topology, free_port_block
+from service_harness import ROOT, Topology, free_port_block, scrape
 
 from apex_local.config import ConfigError, TransportConfig, apply_overrides, config_from_dict
 from apex_local.metrics import metrics_port
@@ -290,19 +289,6 @@ def hosts():
             assert ns.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
-def _scrape(host: str, port: int) -> dict[str, float]:
-    try:
-        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if m and not line.startswith("#"):
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
-    return out
-
-
 def test_remote_actor_with_the_right_key_contributes_wrong_or_no_key_inserts_nothing(tmp_path, keyroot, hosts):
     host_a, host_b, ns = hosts
     print(f"two hosts via {'ip netns + veth' if ns else 'loopback tcp'}: A={host_a} B={host_b}")
@@ -341,7 +327,7 @@ def test_remote_actor_with_the_right_key_contributes_wrong_or_no_key_inserts_not
                                          start_new_session=True)
 
     def actor(index: int) -> dict[str, float]:
-        return _scrape(host_b, metrics_port(t.metrics_base, "actor", index))
+        return scrape(metrics_port(t.metrics_base, "actor", index), host_b)
 
     try:
         t.start("replay")

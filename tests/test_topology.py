@@ -5,34 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import zmq
 
-from service_harness import ROOT, Topology
-
 from apex_local.transport import Insert, endpoints
 
 pytestmark = pytest.mark.timeout(420)
-
-
-@pytest.fixture
-def topo(tmp_path):
-    made = []
-
-    def make(overrides=None, **kw):
-        t = Topology(tmp_path / f"t{len(made)}", overrides, **kw)
-        t.tmp.mkdir(parents=True, exist_ok=True)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.kill_all()
 
 
 def test_apex_processes_learn_and_exit_cleanly_on_sigint(topo):
@@ -60,15 +41,7 @@ def test_apex_processes_learn_and_exit_cleanly_on_sigint(topo):
 @pytest.mark.skipif(shutil.which("honcho") is None, reason="honcho not installed")
 def test_honcho_start_runs_to_max_env_steps_and_exits_0(topo):
     t = topo({"run.max_env_steps": 12_000, "replay.min_size": 500})
-    log = t.tmp / "honcho.log"
-    p = subprocess.Popen(["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "-c", "actor=2"],
-                         cwd=ROOT, env=t.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        code = p.wait(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    text = log.read_text(errors="replace")
+    code, text = t.run_honcho("actor=2")
     assert code == 0, text[-4000:]
     assert "actor.1" in text and "actor.2" in text
     assert "stopping (reached" in text, text[-4000:]
@@ -163,11 +136,7 @@ def test_sigint_to_honcho_stops_every_process_with_0_within_3s(topo):
     """Fault 9 (docs/reliability.md): Ctrl-C in the terminal reaches honcho, which SIGTERMs
     each process group and SIGKILLs whatever is left after 5 s; none may be left."""
     t = topo({"run.max_env_steps": 10**9, "replay.min_size": 300, "learner.checkpoint_every_seconds": 0})
-    log = t.tmp / "honcho.log"
-    out = open(log, "wb")
-    p = subprocess.Popen(["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "-c", "actor=2"],
-                         cwd=ROOT, env=t.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    out.close()
+    p = t.start_honcho("actor=2")
     try:
         t.wait_for(lambda: t.metrics("learner").get("apex_learner_updates_total", 0) >= 20, 120, "learner updates")
         t.wait_for(lambda: t.metrics("evaluator").get("apex_evaluator_episodes_total", 0) >= 1, 60, "an evaluation")
@@ -178,7 +147,7 @@ def test_sigint_to_honcho_stops_every_process_with_0_within_3s(topo):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    text = log.read_text(errors="replace")
+    text = t.honcho_log()
     stopped = [line for line in text.splitlines() if "stopped (rc=" in line]
     print(f"SIGINT to honcho: honcho exit {code} after {took:.2f}s; "
           + "; ".join(s.split("|", 1)[1].strip() for s in stopped))

@@ -31,17 +31,16 @@ import numpy as np
 
 from apex_local.config import Config
 from apex_local.metrics import NullRecorder, Recorder
-from apex_local.replay import ChunkError, make_replay
-from apex_local.transport import DecodeLimits, ProtocolError, TransportError, make_socket, recv_message, \
-    wait_readable
+from apex_local.replay import make_replay
+from apex_local.roles.replay_server import drain_inserts, insert_spec
+from apex_local.transport import DecodeLimits, TransportError, make_socket, wait_readable
+from apex_local.transport.sockets import ipc_endpoint
 from apex_local.transport.codec import REASONS
 from apex_local.transport.rundir import process_alive, run_paths
 
 GORILA_REPLAY_PORT_OFFSET = 10  # tcp: base_port + 10 + j (the shared roles use base_port + 0..3)
 MAX_LEARNERS = 90  # j < 90 keeps the tcp ports below base_port + 100
-MAX_MESSAGES_PER_TICK = 64
 ROUTE_CHECK_SECONDS = 1.0
-_MAX_IPC_PATH = 107  # sockaddr_un.sun_path - 1 (as transport/sockets.py)
 
 
 def local_replay_enabled(cfg: Config) -> bool:
@@ -55,11 +54,7 @@ def learner_replay_endpoint(cfg: Config, run_id: str, j: int) -> str:
     t = cfg.transport
     if t.kind == "tcp":
         return f"tcp://{t.host}:{t.base_port + GORILA_REPLAY_PORT_OFFSET + int(j)}"
-    path = str(run_paths(cfg, run_id).socket(f"gorila_replay.{int(j)}"))
-    if len(path) > _MAX_IPC_PATH:
-        raise TransportError(f"ipc socket path {path!r} is longer than {_MAX_IPC_PATH} characters: "
-                             "set transport.ipc_dir to a shorter directory or use a shorter run id")
-    return f"ipc://{path}"
+    return ipc_endpoint(run_paths(cfg, run_id).socket(f"gorila_replay.{int(j)}"))
 
 
 def live_learners(cfg: Config, run_id: str) -> list[tuple[int, int, int | None]]:
@@ -125,8 +120,6 @@ class LocalReplay:
 
     def __init__(self, cfg: Config, run_id: str, spec, index: int, ctx, recorder: Recorder | None = None,
                  log=print) -> None:
-        from apex_local.roles.replay_server import insert_spec
-
         self.cfg, self.log = cfg, log
         self.rec = recorder or NullRecorder()
         self.replay = make_replay(cfg, spec.frame_shape, spec.obs_dtype, spec.frame_stack, spec.num_actions,
@@ -150,22 +143,7 @@ class LocalReplay:
     def drain(self) -> int:
         """Insert what arrived (at most MAX_MESSAGES_PER_TICK messages); returns items inserted."""
         items = 0
-        for _ in range(MAX_MESSAGES_PER_TICK):
-            if not self.replay.can_insert():
-                break
-            try:
-                got = recv_message(self.pull, self.limits)
-            except ProtocolError as exc:
-                self._reject(exc.reason, exc.detail)
-                continue
-            if got is None:
-                break
-            msg = got[1]
-            try:
-                n = self.replay.insert(msg.actor_id, msg.chunk)
-            except ChunkError as exc:
-                self._reject("bad_chunk", str(exc))
-                continue
+        for msg, n in drain_inserts(self.pull, self.limits, self.replay, self._reject):
             items += n
             self.env_steps += msg.env_steps
             self.episodes += len(msg.episode_returns)

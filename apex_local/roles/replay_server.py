@@ -40,6 +40,30 @@ def insert_spec(cfg: Config, spec) -> InsertSpec:
     return InsertSpec.from_env(spec)
 
 
+def drain_inserts(pull, limits: DecodeLimits, replay, reject):
+    """Actors' messages into ``replay``: up to MAX_MESSAGES_PER_TICK, while its rate limiter
+    admits inserts. Yields (Insert, items stored) per stored message; a message that fails
+    decoding (``limits``) or the table's chunk checks goes to ``reject(reason, detail)`` and
+    stores nothing. Shared by the replay server and a Gorila learner's local replay."""
+    for _ in range(MAX_MESSAGES_PER_TICK):
+        if not replay.can_insert():
+            return
+        try:
+            got = recv_message(pull, limits)
+        except ProtocolError as exc:
+            reject(exc.reason, exc.detail)
+            continue
+        if got is None:
+            return
+        msg = got[1]
+        try:
+            n = replay.insert(msg.actor_id, msg.chunk)
+        except ChunkError as exc:
+            reject("bad_chunk", str(exc))
+            continue
+        yield msg, n
+
+
 class ReplayServer:
     def __init__(self, cfg: Config, run_id: str, spec, recorder: Recorder | None = None, log=print,
                  restore: bool = True) -> None:
@@ -192,22 +216,7 @@ class ReplayServer:
             self.log(f"dropped a message ({reason}, {self.rejected[reason]} so far): {detail[:200]}")
 
     def _drain_inserts(self) -> None:
-        for _ in range(MAX_MESSAGES_PER_TICK):
-            if not self.replay.can_insert():
-                return
-            try:
-                got = recv_message(self.pull, self.insert_limits)
-            except ProtocolError as exc:
-                self._reject(exc.reason, exc.detail)
-                continue
-            if got is None:
-                return
-            msg = got[1]
-            try:
-                n = self.replay.insert(msg.actor_id, msg.chunk)
-            except ChunkError as exc:
-                self._reject("bad_chunk", str(exc))
-                continue
+        for msg, n in drain_inserts(self.pull, self.insert_limits, self.replay, self._reject):
             self.env_steps += msg.env_steps
             self.episodes += len(msg.episode_returns)
             self.rec.inc("apex_replay_inserted_total", n)
@@ -302,4 +311,4 @@ class ReplayServer:
         self._alloc.close()
 
 
-__all__ = ["ReplayServer", "beta_schedule", "insert_spec"]
+__all__ = ["ReplayServer", "beta_schedule", "drain_inserts", "insert_spec"]

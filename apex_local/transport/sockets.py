@@ -41,7 +41,7 @@ from apex_local.transport.protocol import DEFAULT_LIMITS, Message, decode
 from apex_local.transport.rundir import run_paths
 
 __all__ = ["ROLE_PORT_OFFSETS", "TransportError", "PortInUseError", "new_context", "endpoints", "make_socket",
-           "bind_or_fail", "send_message", "try_send", "recv_message", "wait_readable"]
+           "bind_or_fail", "ipc_endpoint", "send_message", "try_send", "recv_message", "wait_readable"]
 
 ROLE_PORT_OFFSETS = {"replay": 0, "replay_sample": 1, "paramserver": 2, "weights": 3}
 _MAX_IPC_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
@@ -75,12 +75,18 @@ def endpoints(cfg: Any, run_id: str) -> dict[str, str]:
     if t.kind == "tcp":
         return {role: f"tcp://{t.host}:{t.base_port + off}" for role, off in ROLE_PORT_OFFSETS.items()}
     paths = run_paths(cfg, run_id)
-    out = {role: f"ipc://{paths.socket(role)}" for role in ROLE_PORT_OFFSETS}
-    longest = max(out.values(), key=len)
-    if len(longest) - len("ipc://") > _MAX_IPC_PATH:
-        raise TransportError(f"ipc socket path {longest[6:]!r} is longer than {_MAX_IPC_PATH} characters: "
+    socks = {role: str(paths.socket(role)) for role in ROLE_PORT_OFFSETS}
+    ipc_endpoint(max(socks.values(), key=len))  # name the longest path if any is too long
+    return {role: ipc_endpoint(path) for role, path in socks.items()}
+
+
+def ipc_endpoint(path: Any) -> str:
+    """``ipc://path``; TransportError naming the path if it does not fit a Unix socket address."""
+    path = str(path)
+    if len(path) > _MAX_IPC_PATH:
+        raise TransportError(f"ipc socket path {path!r} is longer than {_MAX_IPC_PATH} characters: "
                              "set transport.ipc_dir to a shorter directory or use a shorter run id")
-    return out
+    return f"ipc://{path}"
 
 
 def make_socket(ctx: zmq.Context, kind: str, transport: Any, *, bind: str | None = None,
