@@ -499,9 +499,14 @@ def test_r2d2_and_gorila_rows_return_data_from_a_real_prometheus(tmp_path):
             g = f'run="{gorila.run_id}"'
             applied = values(api, f"sum(rate(apex_paramserver_gradients_applied_total{{{g}}}[{RATE_WINDOW}]))")
             assert applied[0] > 0
-            by_learner = query(api, f"sum by (learner) (apex_paramserver_gradients_received_total{{{g}}})")
             assert len(values(api, f"apex_learner_replay_size{{{g}}} > 0")) == 2  # each learner's own replay filled
-            assert {s["metric"]["learner"] for s in by_learner if float(s["value"][1]) > 0} == {"0", "1"}
+
+            def learners_sending():  # a learner starts pushing once its own replay reached min_size
+                by_learner = query(api, f"sum by (learner) (apex_paramserver_gradients_received_total{{{g}}})")
+                return {s["metric"]["learner"] for s in by_learner if float(s["value"][1]) > 0}
+
+            _wait(lambda: learners_sending() == {"0", "1"}, 30, "gradients from both Gorila learners scraped", both)
+            assert learners_sending() == {"0", "1"}
             (dq,) = values(api, f'apex_learner_q_discrepancy{{run="{r2d2.run_id}"}}')
             assert math.isfinite(dq) and dq >= 0
 
