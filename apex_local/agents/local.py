@@ -19,6 +19,7 @@ from apex_local.agents.policy import EpsilonSchedule, Policy
 from apex_local.config import Config, run_dir
 from apex_local.envs import make_vector_env
 from apex_local.errors import NonFiniteLossError
+from apex_local.losses import DISCREPANCY_EVERY, q_value_discrepancy
 from apex_local.metrics import Recorder
 from apex_local.replay.samplers import beta_schedule
 
@@ -73,6 +74,8 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
     exit_code, solved_at, metrics = 0, None, {}
     interrupted = False
     next_eval = eval_every_steps if eval_every_steps > 0 else None
+    recurrent = bool(getattr(learner.online, "recurrent", False))
+    discrepancy: list[dict] = []  # R2D2 §3 Q-value discrepancy every DISCREPANCY_EVERY updates (recurrent nets)
 
     obs = venv.reset(seed=cfg.run.seed)
     acc.reset(obs)
@@ -96,11 +99,15 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
             if vec_steps % lc.train_every == 0 and replay.can_sample(lc.batch_size):
                 for _ in range(lc.updates_per_train):
                     sample = replay.sample(lc.batch_size, beta_schedule(cfg.replay, learner.updates))
-                    batch = dict(sample.batch, weight=sample.weights)
-                    result = learner.update(learner.to_batch(batch))
+                    batch = learner.to_batch(dict(sample.batch, weight=sample.weights))
+                    result = learner.update(batch)
                     if result.priorities is not None:
                         replay.update_priorities(sample.indices, sample.generations, result.priorities)
                         metrics = result.metrics
+                    if recurrent and learner.updates % DISCREPANCY_EVERY == 0:  # as the topology learner does
+                        d = q_value_discrepancy(learner.online, batch, cfg.replay.burn_in)
+                        discrepancy.append({"updates": learner.updates, "env_steps": env_steps, "q_discrepancy": d})
+                        rec.set("apex_learner_q_discrepancy", d)
             if next_eval is not None and env_steps >= next_eval:
                 next_eval += eval_every_steps
                 rs = evaluate_policy(learner.online, cfg.env, eval_episodes or cfg.actor.eval_episodes,
@@ -136,7 +143,7 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
         "mean_return_100": float(np.mean(returns)) if returns else None,
         "wall_seconds": round(time.monotonic() - t_start, 2), "checkpoint": str(path),
         "nonfinite_losses": learner.nonfinite_total, "evaluations": evals, "solved": solved_at,
-        "exit_code": exit_code, "interrupted": interrupted,
+        "exit_code": exit_code, "interrupted": interrupted, "q_discrepancy": discrepancy,
     }
 
 

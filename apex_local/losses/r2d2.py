@@ -132,6 +132,9 @@ def r2d2_loss(online: torch.nn.Module, target: torch.nn.Module, batch: SequenceB
     return loss, priorities, metrics
 
 
+DISCREPANCY_EVERY = 100  # learner updates between Q-value discrepancy measurements (topology and local)
+
+
 @torch.no_grad()
 def q_value_discrepancy(online: torch.nn.Module, batch: SequenceBatch, burn_in: int,
                         step: int = 0) -> float:

@@ -22,7 +22,7 @@ from apex_local.agents.builders import make_learner
 from apex_local.agents.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from apex_local.config import Config, run_dir
 from apex_local.metrics import NullRecorder, Recorder
-from apex_local.losses import q_value_discrepancy
+from apex_local.losses import DISCREPANCY_EVERY, q_value_discrepancy
 from apex_local.networks import num_flat_parameters
 from apex_local.replay import beta_schedule
 from apex_local.transport import (BatchReady, BatchSlots, Error, Heartbeat, Info, InfoRequest, PriorityUpdate,
@@ -31,7 +31,6 @@ from apex_local.transport import (BatchReady, BatchSlots, Error, Heartbeat, Info
 from apex_local.transport.shm import ShmError
 
 
-DISCREPANCY_EVERY = 100  # updates between Q-value discrepancy measurements
 
 
 class LearnerService:
