@@ -14,6 +14,13 @@ Implementations (``--impls``):
   overridden): frames stored once, stacks rebuilt at sample time into a preallocated batch, as
   the replay server does into a shared-memory slot. Chunks as an actor sends them (5 env
   streams x 10 steps, each frame once) from bench/bench_replay.py's ``ChunkSource``.
+- ``apex_local_server``: the same replay as a real replay server process (``python -m
+  services.replay``, what every topology runs), driven from this process over ZeroMQ and shared
+  memory the way actors and the learner drive it: Insert messages of 50 transitions pushed as an
+  actor flush sends them (inserts/s = transitions until the server reports them stored), then
+  learner-style cycles with ``learner.prefetch`` requests in flight: SampleRequest(512, beta 0.4)
+  -> BatchReady -> copy the shared-memory slot out, release it -> PriorityUpdate(512). Peak RSS =
+  the server's VmHWM + this client's (the shared slots are counted in both).
 - ``cpprb``: ``cpprb.PrioritizedReplayBuffer`` with obs and next_obs stacks stored per
   transition (2 x 4 x 84 x 84 B), the layout any generic buffer needs for an n-step transition
   from interleaved env streams.
@@ -53,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FRAME = (84, 84)
 K, N_STEP, CHUNK, BATCH, ALPHA, BETA = 4, 3, 50, 512, 0.6, 0.4
 STACK_BYTES = K * FRAME[0] * FRAME[1]
-IMPLS = ("apex_local", "cpprb", "cpprb_compressed", "torchrl_tensor", "torchrl_memmap")
+IMPLS = ("apex_local", "apex_local_server", "cpprb", "cpprb_compressed", "torchrl_tensor", "torchrl_memmap")
 PEER_PACKAGES = {"cpprb": "cpprb", "cpprb_compressed": "cpprb", "torchrl_tensor": "torchrl",
                  "torchrl_memmap": "torchrl"}
 QUICK = {"capacity": 100_000, "cycles": 200}
@@ -246,6 +253,8 @@ def version(pkg: str) -> str:
 
 def measure(impl: str, capacity: int, cycles: int, seed: int = 0) -> dict:
     """Run one implementation in this process; returns a result row (or {"skipped": why})."""
+    if impl == "apex_local_server":
+        return measure_server(capacity, cycles, seed)
     rng = np.random.default_rng(seed)
     row = {"impl": impl, "capacity": capacity, "cycles": cycles, "load_start": os.getloadavg()[0]}
     try:
@@ -293,6 +302,134 @@ def measure(impl: str, capacity: int, cycles: int, seed: int = 0) -> dict:
     return row
 
 
+def measure_server(capacity: int, cycles: int, seed: int = 0) -> dict:
+    """``apex_local_server``: the replay server as its own process, driven over the transport."""
+    import tempfile
+
+    from apex_local.transport import (BatchReady, BatchSlots, Error, Info, InfoRequest, Insert,
+                                      PriorityUpdate, RequestClient, SampleRequest, segment_name)
+    from apex_local.transport.sockets import endpoints, make_socket, new_context, send_message
+    from bench.bench_replay import ChunkSource
+    from bench._topo import Registry
+
+    rng = np.random.default_rng(seed)
+    row = {"impl": "apex_local_server", "capacity": capacity, "cycles": cycles, "load_start": os.getloadavg()[0],
+           "layout": "frames once, server process (ZMQ + shm slots)"}
+    with tempfile.TemporaryDirectory(prefix="apex-bench-server-") as tmp:
+        reg = Registry(Path(tmp))
+        ctx = client = push = slots = None
+        try:
+            topo = reg.topology("replay", {"replay.capacity": capacity, "replay.min_size": BATCH,
+                                           "replay.samples_per_insert": 0, "replay.alpha": ALPHA,
+                                           "replay.beta": BETA, "learner.batch_size": BATCH,
+                                           "replay.snapshot_every_seconds": 0, "transport.request_timeout_ms": 60_000},
+                                "configs/apex_pong.yaml")
+            server = reg.start_service(topo, "replay", 0)
+            ctx = new_context()
+            eps = endpoints(topo.cfg, topo.run_id)
+            push = make_socket(ctx, "push", topo.cfg.transport, connect=eps["replay"])
+            client = RequestClient(ctx, eps["replay_sample"], topo.cfg.transport,
+                                   max_in_flight=topo.cfg.learner.prefetch + 1)
+
+            def info(timeout: float = 60.0) -> dict:
+                end = time.monotonic() + timeout
+                while time.monotonic() < end:
+                    if server.proc.poll() is not None:
+                        raise RuntimeError(f"replay server exited {server.proc.returncode}: {topo.log('replay.0')[-2000:]}")
+                    if client.can_request:
+                        client.request(InfoRequest())
+                    for msg in client.poll(200):
+                        if isinstance(msg, Info):
+                            return msg.data
+                raise RuntimeError(f"replay server did not answer in {timeout:.0f} s: {topo.log('replay.0')[-2000:]}")
+
+            info(120.0)  # up and answering
+            row["rss_before_gib"] = (sum(resident_bytes_of(server.proc.pid).values()) / 2 ** 30) + rss_now_gib()
+            src = ChunkSource(rng)
+            total = 0
+            for phase, count in (("fill", capacity), ("overwrite", max(capacity // 5, CHUNK))):
+                n = 0
+                t0 = time.perf_counter()
+                while n < count:
+                    chunk = src.next()
+                    msg = Insert(sender="bench", actor_id=0, env_steps=len(chunk["action"]), chunk=chunk)
+                    while not send_message(push, msg):
+                        if server.proc.poll() is not None:
+                            raise RuntimeError(f"replay server exited: {topo.log('replay.0')[-2000:]}")
+                    n += len(chunk["action"])
+                total += n
+                while (got := info())["inserted"] < total:  # stored, not just sent
+                    if got["rejected"]:
+                        raise RuntimeError(f"the server rejected inserts: {topo.log('replay.0')[-2000:]}")
+                dt = time.perf_counter() - t0
+                row[f"{phase}_per_s"], row[f"{phase}_wall_s"] = n / dt, dt
+                print(f"[apex_local_server] {phase}: {n:,} transitions, {n / dt:,.0f}/s (size {got['size']:,})",
+                      file=sys.stderr, flush=True)
+            slots = BatchSlots.attach(segment_name(topo.run_id, "slots"))
+            prio = [rng.random(BATCH).astype(np.float32) + 1e-3 for _ in range(8)]
+            k = topo.cfg.learner.prefetch
+
+            def run_cycles(n: int) -> None:
+                done = 0
+                deadline = time.monotonic() + 600
+                while done < n:
+                    while client.in_flight < k:
+                        client.request(SampleRequest(batch_size=BATCH, beta=BETA))
+                    for msg in client.poll(50):
+                        if isinstance(msg, BatchReady):
+                            view = slots.view(msg.slot_id, msg.slot_seq, msg.epoch)
+                            arrays = {key: np.array(v) for key, v in view.items()}  # what a CPU learner does
+                            slots.release(msg.slot_id, msg.slot_seq)
+                            client.send(PriorityUpdate(index=arrays["index"], generation=arrays["generation"],
+                                                       priority=prio[done % 8]))
+                            done += 1
+                        elif isinstance(msg, Error):
+                            raise RuntimeError(f"replay refused a sample: {msg.reason}: {msg.detail}")
+                    if time.monotonic() > deadline or server.proc.poll() is not None:
+                        raise RuntimeError(f"sampling stalled: {topo.log('replay.0')[-2000:]}")
+
+            run_cycles(3)  # warm-up, untimed
+            from bench._topo import proc_cpu_seconds
+
+            cpu0, own0 = proc_cpu_seconds(server.proc.pid), time.process_time()
+            t0 = time.perf_counter()
+            run_cycles(cycles)
+            dt = time.perf_counter() - t0
+            row["server_cpu_ms_per_cycle"] = 1e3 * (proc_cpu_seconds(server.proc.pid) - cpu0) / cycles
+            row["client_cpu_ms_per_cycle"] = 1e3 * (time.process_time() - own0) / cycles
+            got = info()
+            hwm = peak_rss_of(server.proc.pid)
+            row.update(cycles_per_s=cycles / dt, sample_ms=1e3 * dt / cycles, update_ms=None,
+                       peak_rss_gib=hwm + peak_rss_gib(), load_end=os.getloadavg()[0],
+                       server_peak_rss_gib=hwm, rejected=got["rejected"])
+            print(f"[apex_local_server] CPU per cycle: server {row['server_cpu_ms_per_cycle']:.2f} ms, "
+                  f"client {row['client_cpu_ms_per_cycle']:.2f} ms", file=sys.stderr)
+            print(f"[apex_local_server] sample {BATCH} + update {BATCH}: {row['cycles_per_s']:,.1f} cycles/s; "
+                  f"peak RSS server {hwm:.2f} + client {peak_rss_gib():.2f} GiB", file=sys.stderr, flush=True)
+        finally:
+            for closer in (lambda: slots and slots.close(), lambda: push and push.close(linger=0),
+                           lambda: client and client.close(), lambda: ctx and ctx.term()):
+                closer()
+            leftovers = reg.close()
+            if leftovers:
+                print(f"[apex_local_server] cleanup left: {leftovers}", file=sys.stderr)
+    return row
+
+
+def resident_bytes_of(pid: int) -> dict:
+    from apex_local.monitoring.procstats import resident_bytes
+
+    return resident_bytes(pid)
+
+
+def peak_rss_of(pid: int) -> float:
+    """VmHWM (peak resident set) of a live process, GiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2 ** 20
+    return float("nan")
+
+
 def run(quick: bool = False, impls=IMPLS, capacity: int | None = None, cycles: int | None = None,
         timeout: float = 1800) -> list[dict]:
     """Each implementation in its own subprocess (same interpreter); rows in ``impls`` order."""
@@ -330,13 +467,19 @@ def table(rows: list[dict]) -> str:
              "| load 1 min start / end |",
              "|---|---|---|---|---|---|---|---|"]
     skipped = []
+
+    def ms(r):
+        if r.get("update_ms") is None:  # the server pipelines both: per cycle, wall
+            return f"{r['sample_ms']:.2f} per cycle (pipelined)"
+        return f"{r['sample_ms']:.2f} / {r['update_ms']:.2f}"
+
     for r in rows:
         if "skipped" in r:
             skipped.append(f"- `{r['impl']}` skipped: {r['skipped']}")
             continue
         lines.append(f"| {r['impl']} | {r['layout']} | {r['fill_per_s']:,.0f}{rat(r, 'fill_per_s')} "
                      f"| {r['overwrite_per_s']:,.0f}{rat(r, 'overwrite_per_s')} "
-                     f"| {r['cycles_per_s']:,.1f}{rat(r, 'cycles_per_s')} | {r['sample_ms']:.2f} / {r['update_ms']:.2f} "
+                     f"| {r['cycles_per_s']:,.1f}{rat(r, 'cycles_per_s')} | {ms(r)} "
                      f"| {r['peak_rss_gib']:.2f}{rat(r, 'peak_rss_gib')} ({r['rss_before_gib']:.2f}) "
                      f"| {r['load_start']:.1f} / {r['load_end']:.1f} |")
     return "\n".join(lines + ([""] + skipped if skipped else []))
