@@ -9,7 +9,7 @@ CartPole-v1 "solved" level). Reports the env steps and wall seconds (training + 
 evaluations) at that point, or 'not solved within budget'.
 
 Prints a markdown table and, in full mode (unless ``--no-doc``), replaces the
-"Time to solve CartPole-v1" section of docs/benchmarks.md with it, the exact command, the date
+"Time to solve CartPole-v1" section of docs/benchmarks_learning.md with it, the exact command, the date
 and the machine. ``--quick`` (1 seed, 25k-step budget) is a smoke run and writes no doc unless
 ``--doc`` is given.
 """
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
-DOC_HEADER = ("# Benchmarks\n\nEach figure measured on this machine, command given.\n")
+DOC = ROOT / "docs" / "benchmarks_learning.md"
+DOC_HEADER = ("# Learning benchmarks (single process)\n\nEach figure measured on this machine, command given.\n")
 BEGIN, END = "<!-- bench_solve:begin -->", "<!-- bench_solve:end -->"
 CONFIGS = {"dqn": "configs/dqn_cartpole.yaml", "rainbow": "configs/rainbow_cartpole.yaml"}
 # Env-step budgets per method (full mode): several times the steps the tuned configs need.
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--threshold", type=float, default=475.0)
-    p.add_argument("--doc", action="store_true", help="write docs/benchmarks.md even with --quick")
-    p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--doc", action="store_true", help="write docs/benchmarks_learning.md even with --quick")
+    p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks_learning.md")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in CONFIGS]
