@@ -2,7 +2,7 @@
 
 Each run evaluates the greedy policy (10 episodes, epsilon 0.001) every few thousand env steps
 and stops as soon as the mean return reaches the threshold (``stop_on_return``); the step
-budget leaves several times the margin measured over seeds 0-2 (docs/benchmarks.md). Runs are
+budget leaves several times the margin measured over seeds 0-2 (docs/benchmarks_learning.md). Runs are
 deterministic for a given seed (torch on 1 thread, seeded envs, replay and policy RNGs), so a
 pass/fail never depends on machine load; only the wall-clock does. Wall-clock and steps are
 printed (``pytest -s`` shows them).
