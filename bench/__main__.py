@@ -1,15 +1,17 @@
-"""Benchmarks against peers: one command for the parts that exist.
+"""The benchmark suite: ours vs peers and vs the papers' claims, one command.
 
     python -m bench list                      # the parts
-    python -m bench all [--quick]             # every part; writes docs/benchmarks_peers.md + docs/img/peers_*.png
+    python -m bench all [--quick]             # every part; writes docs/benchmarks.md + docs/img/*.png
     python -m bench PART [PART ...] [--quick] # some parts (their sections of the doc are replaced, others kept)
 
-Options: ``--quick`` (small sizes: about 2-4 minutes on 2 idle cores), ``--doc PATH`` (write the
-results there instead of docs/benchmarks_peers.md), ``--no-doc`` (print only).
+Options: ``--quick`` (small sizes: about 10-15 minutes on 2 idle cores), ``--doc PATH`` (write
+the results there instead of docs/benchmarks.md), ``--no-doc`` (print only), ``--smoke`` (tiny
+sizes, numbers meaningless: the test suite's check that every part runs end to end).
 
-Peers (cpprb, torchrl) and matplotlib are the optional ``bench`` extra, never runtime
-dependencies: ``pip install -e '.[bench]'``. A part whose peer is missing reports which
-package and how to install it, and the rest still runs.
+Peers (cpprb, torchrl, stable-baselines3, tianshou) and matplotlib are the optional ``bench``
+extra, never runtime dependencies: ``pip install -e '.[bench]'``. A part whose peer is missing
+reports which package and how to install it, and the rest still runs. A part that fails is
+reported in its section and the command exits 1 after running the others.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks_peers.md"
+DOC = ROOT / "docs" / "benchmarks.md"
+MODES = ("smoke", "quick", "full")
 
 
 def _version(pkg: str) -> str:
@@ -56,37 +59,42 @@ def machine() -> str:
 def versions() -> str:
     import numpy
     parts = [f"Python {platform.python_version()}", f"numpy {numpy.__version__}"]
-    parts += [f"{p} {_version(p)}" for p in ("torch", "cpprb", "torchrl", "tensordict", "matplotlib")]
+    parts += [f"{p} {_version(p)}" for p in ("torch", "gymnasium", "ale-py", "pyzmq", "cpprb", "torchrl", "tensordict",
+                                              "stable-baselines3", "tianshou", "matplotlib")]
     return ", ".join(parts)
 
 
 # ------------------------------------------------------------------ parts
-def part_replay_peers(quick: bool, stamp: str, img_dir: Path | None) -> str:
+def part_replay_peers(mode: str, stamp: str, img_dir: Path | None) -> str:
     from bench import bench_replay_peers as brp
 
-    p = brp.QUICK if quick else brp.FULL
-    rows = brp.run(quick=quick)
+    p = {"smoke": {"capacity": 5_000, "cycles": 20}, "quick": brp.QUICK, "full": brp.FULL}[mode]
+    rows = brp.run(quick=mode != "full", capacity=p["capacity"], cycles=p["cycles"])
     img = brp.plot(rows, img_dir / "peers_replay.png") if img_dir else None
     print(brp.table(rows))
-    plot_line = (f"![replay vs peers](img/{img.name})" if img else
-                 "(no plot: matplotlib not installed (`pip install -e '.[bench]'`) or --no-doc)")
+    plot_line = _plot_line(img, "replay vs peers")
     return "\n".join([
-        "## Prioritized replay vs cpprb and TorchRL (in-process)",
+        "## 1. Prioritized replay: our replay server across processes vs cpprb and TorchRL in-process",
         "",
         stamp,
-        f"Part command: `python -m bench.bench_replay_peers{' --quick' if quick else ''}` "
+        f"Part command: `python -m bench.bench_replay_peers --capacity {p['capacity']} --cycles {p['cycles']}` "
         "(each implementation in its own subprocess, one after the other)",
         "",
         f"Workload: capacity {p['capacity']:,} transitions of k=4 stacked 84x84 uint8 frames (n=3); insert "
         f"in chunks of 50 until full, then a fifth of the capacity more (ring full, overwriting); then "
-        f"{p['cycles']} x (sample 512 with alpha 0.6, beta 0.4 + update 512 priorities). Only the library "
-        "calls are timed. In parentheses: the ratio to `apex_local` of this same run (peer / ours; "
-        "> 1 = the peer inserts or samples faster, or uses more memory). Peak RSS is the subprocess's "
-        "maximum RSS, imports included (the RSS before the buffer was built is in parentheses after the ratio).",
+        f"{p['cycles']} x (sample 512 with alpha 0.6, beta 0.4 + update 512 priorities). In parentheses: the "
+        "ratio to `apex_local` (in-process) of this same run (> 1 = faster, or more memory). In-process rows "
+        "time only the library calls; `apex_local_server` is wall-clock from the first send until the server "
+        "reports the transitions stored, and for the cycles wall-clock with the learner's pipelining "
+        "(`learner.prefetch` = 4 requests in flight) including the copy of each batch out of its shared-memory "
+        "slot, as our CPU learner does. Peak RSS is the subprocess's maximum RSS, imports included (the RSS "
+        "before the buffer was built is in parentheses); for the server, the server's plus the client's.",
         "",
         brp.table(rows),
         "",
         reading(rows),
+        "",
+        server_reading(rows),
         "",
         f"Full mode (capacity 1M): the per-transition layouts need {2 * brp.STACK_BYTES * 1e6 / 2**30:.1f} GiB; "
         "a RAM storage that does not fit in MemAvailable is skipped with that reason (TorchRL's memmap "
@@ -105,11 +113,38 @@ def part_replay_peers(quick: bool, stamp: str, img_dir: Path | None) -> str:
     ])
 
 
+def server_reading(rows: list[dict]) -> str:
+    """The issue's target for the server (at least the best peer's in-process throughput), in words."""
+    srv = next((r for r in rows if r["impl"] == "apex_local_server" and "skipped" not in r), None)
+    peers = [r for r in rows if r["impl"] not in ("apex_local", "apex_local_server", "cpprb_compressed")
+             and "skipped" not in r]
+    if srv is None:
+        return "The replay server row did not run."
+    out = [f"Replay server CPU per sample+update cycle: server {srv.get('server_cpu_ms_per_cycle', float('nan')):.2f} ms, "
+           f"client (learner side: request, copy out of the slot, priority update) "
+           f"{srv.get('client_cpu_ms_per_cycle', float('nan')):.2f} ms; on {os.cpu_count()} cores the two share "
+           "the cores and the memory bandwidth."]
+    if peers:
+        best_c = max(peers, key=lambda r: r["cycles_per_s"])
+        best_i = max(peers, key=lambda r: r["fill_per_s"])
+        def verdict(x):
+            return "meets" if x >= 1 else "misses"
+        out.append(f"Target (issue): the server at least as fast as the best peer in-process. Sample+update: "
+                   f"{srv['cycles_per_s'] / best_c['cycles_per_s']:.2f}x `{best_c['impl']}` "
+                   f"({verdict(srv['cycles_per_s'] / best_c['cycles_per_s'])} the target); inserts (filling): "
+                   f"{srv['fill_per_s'] / best_i['fill_per_s']:.2f}x `{best_i['impl']}` "
+                   f"({verdict(srv['fill_per_s'] / best_i['fill_per_s'])} it).")
+    else:
+        out.append("No equivalent peer ran in this run, so the target (at least the best peer's in-process "
+                   "throughput) could not be checked.")
+    return "\n".join(out)
+
+
 def reading(rows: list[dict]) -> str:
     """One line per peer: its ratios to ours in words (faster / slower, more / less memory)."""
     out = []
     for r in rows:
-        if r["impl"] == "apex_local" or "skipped" in r or "cycles_per_s_ratio" not in r:
+        if r["impl"] in ("apex_local", "apex_local_server") or "skipped" in r or "cycles_per_s_ratio" not in r:
             continue
         def word(x, more="faster", less="slower"):
             return f"{x:.2f}x ours ({more})" if x >= 1 else f"{x:.2f}x ours ({less}: ours is {1 / x:.2f}x)"
@@ -118,38 +153,229 @@ def reading(rows: list[dict]) -> str:
     return "Reading (this run):\n\n" + "\n".join(out) if out else "No peer ran in this run."
 
 
-def part_solve(quick: bool, stamp: str, img_dir: Path | None) -> str:
-    from bench import bench_solve as bs
+def _plot_line(img, alt: str) -> str:
+    return (f"![{alt}](img/{Path(img).name})" if img else
+            "(no plot: matplotlib not installed (`pip install -e '.[bench]'`) or --no-doc)")
 
-    methods, seeds = (["dqn"], 1) if quick else (["dqn", "rainbow"], 3)
+
+def part_solve(mode: str, stamp: str, img_dir: Path | None) -> str:
+    from bench import bench_solve_peers as bsp
+
+    seeds = {"smoke": 1, "quick": 1, "full": 3}[mode]
+    methods = ["dqn", "apex_2actors"] if mode == "smoke" else list(bsp.METHODS)
+    methods += [m for m in bsp.PEERS if m not in methods] if mode == "smoke" else []
+    ev, eps = (1_000, 2) if mode == "smoke" else (5_000, 10)
     rows = []
     for m in methods:
+        budget = {"smoke": 2_000, "quick": bsp.QUICK_BUDGET}.get(mode) or bsp.budget_of(m)
         for seed in range(seeds):
-            budget = bs.QUICK_BUDGET if quick else bs.BUDGETS[m]
-            rows.append(bs.solve_one(m, seed, budget, 5000, 10, 475.0))
-    print(bs.table(rows))
-    cmd = ("python -m bench.bench_solve --quick --methods dqn --no-doc" if quick else
-           "python -m bench.bench_solve --seeds 3 --methods dqn,rainbow --no-doc")
+            actors = int(m[len("apex_"):-len("actors")]) if m.startswith("apex_") else 2
+            rows.append(bsp.run_isolated(m, seed, budget, ev, eps, 475.0, actors=actors))
+    print(bsp.table(rows))
+    cmd = ("python -m bench.bench_solve_peers" + (" --quick" if mode == "quick" else "")
+           + (" --budget 2000 --eval-every 1000 --episodes 2 --seeds 1" if mode == "smoke" else ""))
     return "\n".join([
-        "## Time to solve CartPole-v1, single-process DQN (ours only so far)",
+        "## 2. Time to solve CartPole-v1: our DQN and Ape-X topology vs Stable-Baselines3 and Tianshou",
         "",
         stamp,
-        f"Part command: `{cmd}`",
+        f"Part command: `{cmd}` (each run in its own subprocess, torch threads 1, one after the other)",
         "",
-        "Solved = greedy (epsilon 0.001) mean return >= 475 over 10 episodes, checked every 5,000 env "
-        "steps; wall seconds include the periodic evaluations. No peer DQN is measured yet: this row is "
-        "the baseline the peer comparison (issue 'Benchmarks against peers') will be a ratio to.",
+        f"Solved = greedy mean return >= 475 over {eps} episodes, checked every {ev:,} env steps; the run stops "
+        "at the first check that passes. Wall seconds count from the start of training (for `apex_*`, from "
+        "launching the processes) and include the evaluations. `dqn`: our single-process DQN "
+        "(configs/dqn_cartpole.yaml). `apex_2actors`: replay + learner + 2 actors of configs/apex_cartpole.yaml as "
+        "real processes, evaluated by the bench from the weights board every 5,000 actor steps (summed). "
+        "`sb3_dqn`: Stable-Baselines3 DQN with the rl-baselines3-zoo CartPole-v1 hyperparameters. "
+        "`tianshou_dqn`: Tianshou DQN with its CartPole DQN test's hyperparameters (numba warm-up excluded, "
+        "reported as `warmup_seconds` in the JSON). Details and hyperparameters: `bench/bench_solve_peers.py`. "
+        + ("Quick mode: 1 seed and a 25,000-step budget per method, so a method that needs more is 'not "
+           "solved' here; full mode runs 3 seeds with the full budgets." if mode == "quick" else ""),
         "",
-        bs.table(rows),
+        bsp.table(rows),
+        "",
+        bsp.summary(rows),
+    ])
+
+
+def part_actors_vs_sim(mode: str, stamp: str, img_dir: Path | None) -> str:
+    from bench import bench_scaling as bsc
+
+    kw = {"procs": (1,), "repeats": 1, "window": 1.0, "settle": 0.3} if mode == "smoke" else {}
+    res = bsc.actors_vs_sim(mode != "full", **kw)
+    md = bsc.markdown_actors_vs_sim(res)
+    print(md)
+    img = bsc.plot_actors_vs_sim(res, img_dir / "scaling_actors_vs_sim.png") if img_dir else None
+    procs = ",".join(str(x) for x in res["params"]["procs"])
+    return "\n".join([
+        "## 3. Actors vs the simulator: Pong env frames/s of the topology's actors vs AtariVectorEnv vs a gymnasium loop",
+        "",
+        stamp,
+        f"Part command: `python -m bench.bench_scaling actors_vs_sim{' --quick' if mode != 'full' else ''} "
+        f"--procs {procs}`",
+        "",
+        md,
+        _plot_line(img, "actors vs simulator"),
+    ])
+
+
+def part_apex_scaling(mode: str, stamp: str, img_dir: Path | None) -> str:
+    from bench import bench_scaling as bsc
+
+    kw = {"counts": [1], "cap_s": 12.0, "eval_every": 3.0, "eval_episodes": 2} if mode == "smoke" else {}
+    res = bsc.apex_scaling(mode != "full", **kw)
+    md = bsc.markdown_apex_scaling(res)
+    print(md)
+    img = bsc.plot_apex_scaling(res, img_dir / "scaling_apex.png") if img_dir else None
+    counts = ",".join(str(x) for x in res["params"]["counts"])
+    return "\n".join([
+        "## 4. Ape-X scaling: env frames/s and time to threshold vs the actor count",
+        "",
+        stamp,
+        f"Part command: `python -m bench.bench_scaling apex_scaling{' --quick' if mode != 'full' else ''} "
+        f"--counts {counts}`",
+        "",
+        md,
+        _plot_line(img, "Ape-X scaling"),
+    ])
+
+
+# GPU part: the Pong topologies with the learner on the GPU (``run.device``); frames/s vs actors
+# and learner updates/s from a short run per actor count, then one run at the most actors until
+# the evaluator's mean return reaches +18 (full mode only).
+GPU_CONFIGS = {"apex": "configs/apex_pong.yaml", "r2d2": "configs/r2d2_pong.yaml"}
+GPU_DEVICE_ENV = "APEX_BENCH_GPU_DEVICE"  # force a device (e.g. cpu: the smoke test of this code path)
+GPU_SIZES = {  # per mode: sweep cap per actor count, the +18 run's cap (0: not run), overrides per topology
+    "smoke": {"sweep_cap_s": 15.0, "solve_cap_s": 0.0, "counts": [1], "eval_every": 10.0, "eval_episodes": 1,
+              "overrides": {  # tiny: learning starts within seconds on a CPU (replay sizes: R2D2 counts sequences)
+                  "apex": {"replay.capacity": 5_000, "replay.min_size": 500, "learner.batch_size": 32,
+                           "env.num_envs": 1, "learner.target_update_period": 100},
+                  "r2d2": {"replay.capacity": 500, "replay.min_size": 8, "learner.batch_size": 4,
+                           "env.num_envs": 1, "learner.target_update_period": 100}}},
+    "quick": {"sweep_cap_s": 120.0, "solve_cap_s": 0.0, "counts": None, "eval_every": 60.0, "eval_episodes": 3,
+              "overrides": {}},
+    "full": {"sweep_cap_s": 300.0, "solve_cap_s": 4 * 3600.0, "counts": None, "eval_every": 120.0,
+             "eval_episodes": 5, "overrides": {}},
+}
+
+
+def gpu_device() -> str | None:
+    forced = os.environ.get(GPU_DEVICE_ENV)
+    if forced:
+        return forced
+    try:
+        import torch
+    except ImportError:
+        return None
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def part_gpu(mode: str, stamp: str, img_dir: Path | None) -> str:
+    from bench import bench_scaling as bsc
+    from apex_local.config import load_config
+
+    head = ["## 6. GPU: Ape-X and R2D2 on Pong with the learner on the GPU", "", stamp,
+            f"Part command: `python -m bench gpu{' --quick' if mode == 'quick' else ''}` (on a machine with CUDA)", ""]
+    device = gpu_device()
+    if device is None:
+        return "\n".join(head + [
+            f"**Skipped: no CUDA device on this machine** ({machine()}). Run `python -m bench gpu` (full: a "
+            "frames/s sweep over 1, 2, 4, ... actors up to the cores, 300 s each, then one run with the most "
+            "actors until the greedy mean return reaches +18, at most 4 h per topology) or `python -m bench gpu "
+            "--quick` (the sweep only, 120 s per count) on a machine with a GPU; the section is replaced with "
+            "absolute numbers labelled by that machine."])
+    P = GPU_SIZES[mode]
+    counts = P["counts"] or bsc.default_counts()
+    lines = head + [f"Machine: {machine()}; learner device `{device}` (`run.device`); actors on the CPU. Each "
+                    "topology: replay + learner + N actors + the evaluator as real processes, with the config as "
+                    "shipped" + (f" plus {P['overrides']}" if P["overrides"] else "") + f". Sweep: "
+                    f"{P['sweep_cap_s']:g} s per actor count; env frames/s = agent steps/s x frame skip, both "
+                    "measured from the learner's first update (after replay.min_size transitions) to the end.", ""]
+    lines += ["| topology | actors | agent steps/s | env frames/s | x 1 actor | learner updates/s | "
+              "first update s | best greedy return | time to +18 s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, config in GPU_CONFIGS.items():
+        over = {**P["overrides"].get(name, {}), "run.device": device}
+        fs = load_config(str(ROOT / config), []).env.frame_skip
+        res = bsc.apex_scaling(True, counts, seeds=1, threshold=18.0, cap_s=P["sweep_cap_s"],
+                               eval_every=P["eval_every"], eval_episodes=P["eval_episodes"], config=config,
+                               overrides=over)
+        runs = list(res["runs"])
+        if P["solve_cap_s"] > 0:
+            solve = bsc.apex_scaling(True, [max(counts)], seeds=1, threshold=18.0, cap_s=P["solve_cap_s"],
+                                     eval_every=P["eval_every"], eval_episodes=P["eval_episodes"], config=config,
+                                     overrides=over)
+            runs += [dict(r, solve_run=True) for r in solve["runs"]]
+        base = next((r["env_steps_per_s"] for r in runs if r["actors"] == 1), None)
+        for r in runs:
+            sps = r["env_steps_per_s"]
+            if sps != sps:  # NaN: the learner never updated within the run
+                lines.append(f"| {name} | {r['actors']} | no learner update within {r['seconds']:.0f} s | | | | | | |")
+                continue
+            ratio = f"{sps / base:.2f}" if base and base == base else "n/a"
+            ttt = (f"{r['time_to_threshold']:.0f}" if r["time_to_threshold"] is not None else
+                   (f"> {r['seconds']:.0f} (not reached)" if r.get("solve_run") else "(sweep run: not aimed at +18)"))
+            best = f"{r['best_return']:.1f}" if r["best_return"] is not None else "no evaluation yet"
+            lines.append(f"| {name}{' (+18 run)' if r.get('solve_run') else ''} | {r['actors']} | {sps:.0f} | "
+                         f"{sps * fs:.0f} | {ratio} | {r['updates_per_s']:.1f} | "
+                         f"{(r['first_update_s'] or float('nan')):.1f} | {best} | {ttt} |")
+    if P["solve_cap_s"] <= 0:
+        lines += ["", "Time to +18 is measured in full mode only (`python -m bench gpu`): hours, not minutes."]
+    return "\n".join(lines)
+
+
+def part_r2d2_claims(mode: str, stamp: str, img_dir: Path | None) -> str:
+    from bench import bench_r2d2_claims as brc
+
+    p = {"smoke": {"seeds": 1, "steps": 3_200, "eval_every": 3_200}, "quick": brc.QUICK, "full": brc.FULL}[mode]
+    # smoke: learning starts early and the feed-forward agents train every 4th step, so that every
+    # agent updates and the recurrent ones measure Delta Q within a few seconds
+    over = {"replay.min_size": 100, "learner.train_every": 4} if mode == "smoke" else None
+    rows = brc.run(mode != "full", p["seeds"], p["steps"], tuple(brc.AGENTS), p["eval_every"], overrides=over)
+    print(brc.table(rows))
+    img = brc.plot(rows, img_dir / "claims_r2d2.png") if img_dir else None
+    return "\n".join([
+        "## 5. DRQN / R2D2 claims on velocity-masked CartPole",
+        "",
+        stamp,
+        f"Part command: `python -m bench.bench_r2d2_claims --seeds {p['seeds']} --steps {p['steps']} "
+        f"--eval-every {p['eval_every']}`",
+        "",
+        f"CartPole-v1 with the velocities dropped (observation [x, theta]), {p['steps']:,} env steps per run, "
+        f"{p['seeds']} seed(s), greedy evaluation (10 episodes) every {p['eval_every']:,} env steps; agent "
+        "settings from `bench/bench_drqn.py` (`AGENTS`). Claims: DRQN (recurrent 1 frame ~ feed-forward "
+        "4 frames >> feed-forward 1 frame) and the R2D2 stored-state vs zero-state ablation with the "
+        "Q-value discrepancy Delta Q (stored vs zero start state, both unrolled over the burn-in, every 100 "
+        "updates). The longer 3-seed DRQN comparison is in [benchmarks_drqn.md](benchmarks_drqn.md).",
+        "",
+        brc.table(rows),
+        "",
+        brc.reading(rows),
+        "",
+        _plot_line(img, "DRQN / R2D2 claims"),
     ])
 
 
 PARTS = {
-    "replay_peers": ("prioritized replay (ours, in-process) vs cpprb and TorchRL: inserts/s, "
-                     "sample+update cycles/s, peak RSS; needs cpprb / torchrl (bench extra)", part_replay_peers),
-    "solve": ("time to solve CartPole-v1 with our single-process DQN (quick: 1 seed; full: "
-              "DQN + Rainbow, 3 seeds); no peer yet", part_solve),
+    "replay_peers": ("1. prioritized replay: our replay server (across processes) and in-process store vs cpprb "
+                     "and TorchRL in-process: inserts/s, sample+update cycles/s, peak RSS", part_replay_peers),
+    "solve": ("2. time to solve CartPole-v1: our DQN and Ape-X (2 actors) vs Stable-Baselines3 and Tianshou DQN",
+              part_solve),
+    "actors_vs_sim": ("3. Pong env frames/s: topology actors vs AtariVectorEnv vs a gymnasium loop",
+                      part_actors_vs_sim),
+    "apex_scaling": ("4. Ape-X on CartPole: env steps/s, updates/s, time to threshold vs actor count",
+                     part_apex_scaling),
+    "r2d2_claims": ("5. DRQN / R2D2 claims: recurrent vs feed-forward 1 / 4 frames, stored vs zero state "
+                    "(Delta Q)", part_r2d2_claims),
+    "gpu": ("6. GPU (CUDA only, else a 'skipped' section): Ape-X / R2D2 on Pong, frames/s vs actors, "
+            "updates/s, time to +18", part_gpu),
 }
+
+OTHER_PAGES = [  # the single-topic benchmark pages (their own commands), listed in the header
+    ("benchmarks_learning.md", "learning curves and time to solve, single process (DQN, Rainbow)"),
+    ("benchmarks_topology.md", "topology throughput: actors, replay server, learner, end to end"),
+    ("benchmarks_components.md", "components: replay sampler, sequence replay, weights board, metrics cost"),
+    ("benchmarks_drqn.md", "DRQN / R2D2 on flickering and velocity-masked tasks (3 seeds)"),
+    ("benchmarks_gorila.md", "Gorila: parameter server and learners"),
+]
 
 
 def marker(name: str) -> tuple[str, str]:
@@ -158,6 +384,7 @@ def marker(name: str) -> tuple[str, str]:
 
 def write_doc(path: Path, sections: dict[str, str], header: str) -> None:
     """Header regenerated; each part's section replaced, sections of parts not run kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.is_file() else ""
     kept = {}
     for name in PARTS:
@@ -178,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="+", help="'list', 'all', or part names: " + ", ".join(PARTS))
-    ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes on 2 cores)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes (about 10-15 minutes on 2 idle cores)")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, numbers meaningless (the tests' check)")
     ap.add_argument("--doc", type=Path, default=DOC, help=f"results file (default {DOC.relative_to(ROOT)})")
     ap.add_argument("--no-doc", action="store_true", help="print only, write no file")
     args = ap.parse_args(argv)
@@ -190,34 +419,57 @@ def main(argv: list[str] | None = None) -> int:
     bad = [n for n in names if n not in PARTS]
     if bad:
         ap.error(f"unknown part(s) {bad}; `python -m bench list` lists them")
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    img_dir = None if args.no_doc else args.doc.parent / "img"
 
     command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
-    sections = {}
+    sections, failed = {}, []
     for name in names:
         started = dt.datetime.now(dt.timezone.utc)
         load = os.getloadavg()
         t0 = time.monotonic()
-        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        stamp_tmpl = (f"Date: {started:%Y-%m-%d %H:%M} UTC; mode: {'quick' if args.quick else 'full'}; "
-                      f"command: `{command}`  \nLoad average (1/5/15 min) at start: "
-                      + "/".join(f"{x:.1f}" for x in load) + " (shared 2-core machine: throughput scales with load)  ")
-        sections[name] = PARTS[name][1](args.quick, stamp_tmpl, None if args.no_doc else args.doc.parent / "img")
-        print(f"[bench] {name} done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(f"[bench] {name} ({mode}) ...", file=sys.stderr, flush=True)
+        stamp = (f"Date: {started:%Y-%m-%d %H:%M} UTC; mode: {mode}; command: `{command}`  \nLoad average "
+                 "(1/5/15 min) at start: " + "/".join(f"{x:.1f}" for x in load) +
+                 f" ({os.cpu_count()} cores; throughput on a shared machine scales with the load)  ")
+        try:
+            sections[name] = PARTS[name][1](mode, stamp, img_dir)
+        except Exception as exc:  # noqa: BLE001  (reported in its section; the other parts still run)
+            import traceback
+
+            failed.append(name)
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr, flush=True)
+            sections[name] = "\n".join([f"## {PARTS[name][0]}", "", stamp, "",
+                                         f"**FAILED** after {time.monotonic() - t0:.0f} s: `{exc!r}`", "",
+                                         "```", tb.strip()[-3000:], "```"])
+        print(f"[bench] {name} {'FAILED' if name in failed else 'done'} in {time.monotonic() - t0:.0f} s",
+              file=sys.stderr, flush=True)
 
     if not args.no_doc:
         header = "\n".join([
-            "# Benchmarks against peers",
+            "# Benchmarks: apex-local vs peers and vs the papers' claims",
             "",
-            "Written by `python -m bench all [--quick]` (`python -m bench list` lists the parts); each "
-            "section gives its date, mode, command and load average. Peers are the optional `bench` extra: "
-            "`pip install -e '.[bench]'`.",
+            "Written by `python -m bench all --quick` (about 10-15 minutes on 2 cores) or `python -m bench all` "
+            "(full sizes, hours); `python -m bench list` lists the parts and `python -m bench PART [--quick]` "
+            "reruns one (its section is replaced, the others kept). Every ratio is measured in one run on one "
+            "machine; each section gives its date, mode, command and load average. Peers (cpprb, TorchRL, "
+            "Stable-Baselines3, Tianshou) and matplotlib are the optional `bench` extra: "
+            "`pip install -e '.[bench]'` (TorchRL's compiled extension may need "
+            "`bash bench/rebuild_torchrl_ext.sh`, see the README's troubleshooting).",
             "",
             f"Machine (at the last write): {machine()}  ",
             f"Versions: {versions()}  ",
             f"Last written: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `{command}`",
+            "",
+            "Other benchmark pages (single topics, their own commands): "
+            + "; ".join(f"[{f}]({f}) ({d})" for f, d in OTHER_PAGES) + ".",
         ])
         write_doc(args.doc, sections, header)
         print(f"[bench] wrote {args.doc}", file=sys.stderr)
+    if failed:
+        print(f"[bench] FAILED parts: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
