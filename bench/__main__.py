@@ -167,7 +167,7 @@ def part_solve(mode: str, stamp: str, img_dir: Path | None) -> str:
     ev, eps = (1_000, 2) if mode == "smoke" else (5_000, 10)
     rows = []
     for m in methods:
-        budget = {"smoke": 2_000, "quick": bsp.QUICK_BUDGET}.get(mode) or bsp.budget_of(m)
+        budget = 2_000 if mode == "smoke" else bsp.budget_of(m)
         for seed in range(seeds):
             actors = int(m[len("apex_"):-len("actors")]) if m.startswith("apex_") else 2
             rows.append(bsp.run_isolated(m, seed, budget, ev, eps, 475.0, actors=actors))
@@ -188,8 +188,9 @@ def part_solve(mode: str, stamp: str, img_dir: Path | None) -> str:
         "`sb3_dqn`: Stable-Baselines3 DQN with the rl-baselines3-zoo CartPole-v1 hyperparameters. "
         "`tianshou_dqn`: Tianshou DQN with its CartPole DQN test's hyperparameters (numba warm-up excluded, "
         "reported as `warmup_seconds` in the JSON). Details and hyperparameters: `bench/bench_solve_peers.py`. "
-        + ("Quick mode: 1 seed and a 25,000-step budget per method, so a method that needs more is 'not "
-           "solved' here; full mode runs 3 seeds with the full budgets." if mode == "quick" else ""),
+        + ("Budgets: " + ", ".join(f"`{k}` {v:,}" for k, v in bsp.BUDGETS.items()) + " env steps. "
+           + ("Quick mode: 1 seed (seed 0) per method, so one sample each; full mode runs 3 seeds."
+              if mode == "quick" else "")),
         "",
         bsp.table(rows),
         "",
@@ -341,7 +342,9 @@ def part_r2d2_claims(mode: str, stamp: str, img_dir: Path | None) -> str:
         "",
         f"CartPole-v1 with the velocities dropped (observation [x, theta]), {p['steps']:,} env steps per run, "
         f"{p['seeds']} seed(s), greedy evaluation (10 episodes) every {p['eval_every']:,} env steps; agent "
-        "settings from `bench/bench_drqn.py` (`AGENTS`). Claims: DRQN (recurrent 1 frame ~ feed-forward "
+        "settings: the recurrent agents run the shipped `configs/r2d2_cartpole_masked.yaml` (`lstm_zero`: with "
+        "`learner.stored_state: false`), the feed-forward ones the shipped `configs/dqn_cartpole.yaml` settings on "
+        "the masked env with 1 or 4 frames (`bench/bench_r2d2_claims.py`). Claims: DRQN (recurrent 1 frame ~ feed-forward "
         "4 frames >> feed-forward 1 frame) and the R2D2 stored-state vs zero-state ablation with the "
         "Q-value discrepancy Delta Q (stored vs zero start state, both unrolled over the burn-in, every 100 "
         "updates). The longer 3-seed DRQN comparison is in [benchmarks_drqn.md](benchmarks_drqn.md).",

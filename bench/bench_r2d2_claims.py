@@ -16,11 +16,15 @@ evaluated greedily (epsilon 0.001, 10 episodes) every ``--eval-every`` env steps
    every 100 updates on the training batch by both agents. R2D2 reports that the stored
    state gives the lower discrepancy and better learning; here is what this task shows.
 
-Agent settings are bench/bench_drqn.py's ``AGENTS`` (copied there from the configs when that
-benchmark was written, so tuning the shipped configs does not move these numbers); ``lstm_zero``
-is ``lstm_stored`` with ``learner.stored_state: false``. The Delta Q here compares stored vs
-zero start states after the burn-in (both unrolled by the current network); R2D2 compares
-against the "true" state from unrolling the whole episode, which our replay does not keep.
+The recurrent agents run the shipped ``configs/r2d2_cartpole_masked.yaml`` (the Ape-X / R2D2
+per-slot epsilon ladder, one update per 8 env steps), read when this module is imported, so
+the numbers follow the shipped file; ``lstm_zero`` is it with ``learner.stored_state: false``.
+The feed-forward agents are bench/bench_drqn.py's ``ff_1frame`` / ``ff_4frames``: the shipped
+``configs/dqn_cartpole.yaml`` settings (linear epsilon 1 -> 0.02 over 10k steps, one update per
+env step) on the masked env, 1 or 4 frames. Each agent thus runs its own tuned settings, not
+one shared exploration schedule. The Delta Q here compares stored vs zero start states after
+the burn-in (both unrolled by the current network); R2D2 compares against the "true" state from
+unrolling the whole episode, which our replay does not keep.
 """
 from __future__ import annotations
 
@@ -29,14 +33,23 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from bench.bench_drqn import AGENTS as DRQN_AGENTS, COMMON, R2D2_MASKED, _with, auc
+from bench.bench_drqn import AGENTS as DRQN_AGENTS, COMMON, _with, auc
 
+def _shipped(path: str) -> dict:
+    """A shipped config file as a dict (the run's own settings, as users run it)."""
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
+
+
+R2D2_SHIPPED = _shipped("configs/r2d2_cartpole_masked.yaml")
 AGENTS = {  # name -> (label, config dict)
-    "lstm_stored": ("recurrent LSTM, 1 frame, stored state (R2D2)", R2D2_MASKED),
-    "lstm_zero": ("recurrent LSTM, 1 frame, zero state", _with(R2D2_MASKED, learner={"stored_state": False})),
+    "lstm_stored": ("recurrent LSTM, 1 frame, stored state (R2D2)", R2D2_SHIPPED),
+    "lstm_zero": ("recurrent LSTM, 1 frame, zero state", _with(R2D2_SHIPPED, learner={"stored_state": False})),
     "ff_1frame": ("feed-forward DQN, 1 frame", DRQN_AGENTS["ff_1frame"][1]),
     "ff_4frames": ("feed-forward DQN, 4-frame stack", DRQN_AGENTS["ff_4frames"][1]),
 }
