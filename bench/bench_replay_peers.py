@@ -48,6 +48,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -412,7 +413,7 @@ def measure_server(capacity: int, cycles: int, seed: int = 0) -> dict:
                 closer()
             leftovers = reg.close()
             if leftovers:
-                print(f"[apex_local_server] cleanup left: {leftovers}", file=sys.stderr)
+                raise RuntimeError(f"apex_local_server: cleanup left behind {leftovers}")
     return row
 
 
@@ -430,6 +431,16 @@ def peak_rss_of(pid: int) -> float:
     return float("nan")
 
 
+def ok(row: dict) -> bool:
+    """The row has measurements (not skipped for a missing package, not failed)."""
+    return "skipped" not in row and "failed" not in row
+
+
+def failures(rows: list[dict]) -> list[str]:
+    """'impl: why' for every row whose subprocess failed (a missing peer is 'skipped', not failed)."""
+    return [f"{r['impl']}: {r['failed']}" for r in rows if "failed" in r]
+
+
 def run(quick: bool = False, impls=IMPLS, capacity: int | None = None, cycles: int | None = None,
         timeout: float = 1800) -> list[dict]:
     """Each implementation in its own subprocess (same interpreter); rows in ``impls`` order."""
@@ -443,24 +454,33 @@ def run(quick: bool = False, impls=IMPLS, capacity: int | None = None, cycles: i
     for impl in impls:
         cmd = [sys.executable, "-m", "bench.bench_replay_peers", "--one", impl,
                "--capacity", str(p["capacity"]), "--cycles", str(p["cycles"])]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            out, _ = proc.communicate(timeout=timeout)
+            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
             row = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
-                {"impl": impl, "skipped": f"subprocess failed (exit {proc.returncode}); see its stderr above"}
-        except subprocess.TimeoutExpired:
-            row = {"impl": impl, "skipped": f"timed out after {timeout:.0f} s"}
+                {"impl": impl, "failed": f"subprocess failed (exit {proc.returncode}); see its stderr above"}
+        except BaseException as exc:  # timeout or Ctrl-C: let the child stop its server and free its shm first
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                raise
+            row = {"impl": impl, "failed": f"timed out after {timeout:.0f} s"}
         rows.append(row)
-    base = next((r for r in rows if r["impl"] == "apex_local" and "skipped" not in r), None)
+    base = next((r for r in rows if r["impl"] == "apex_local" and ok(r)), None)
     for r in rows:
-        if base and "skipped" not in r:
+        if base and ok(r):
             for key in ("fill_per_s", "overwrite_per_s", "cycles_per_s", "peak_rss_gib"):
                 r[f"{key}_ratio"] = r[key] / base[key]
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    has_base = any(r["impl"] == "apex_local" and "skipped" not in r for r in rows)
+    has_base = any(r["impl"] == "apex_local" and ok(r) for r in rows)
     rat = (lambda r, k: f" ({r[k + '_ratio']:.2f}x)") if has_base else (lambda r, k: "")
     lines = ["| implementation | layout | insert, filling (transitions/s) | insert, ring full (transitions/s) "
              "| sample 512 + update 512 (cycles/s) | sample / update ms | peak RSS GiB (before buffer) "
@@ -474,8 +494,9 @@ def table(rows: list[dict]) -> str:
         return f"{r['sample_ms']:.2f} / {r['update_ms']:.2f}"
 
     for r in rows:
-        if "skipped" in r:
-            skipped.append(f"- `{r['impl']}` skipped: {r['skipped']}")
+        if "skipped" in r or "failed" in r:
+            skipped.append(f"- `{r['impl']}` skipped: {r['skipped']}" if "skipped" in r else
+                           f"- `{r['impl']}` FAILED: {r['failed']}")
             continue
         lines.append(f"| {r['impl']} | {r['layout']} | {r['fill_per_s']:,.0f}{rat(r, 'fill_per_s')} "
                      f"| {r['overwrite_per_s']:,.0f}{rat(r, 'overwrite_per_s')} "
@@ -493,22 +514,22 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ok = [r for r in rows if "skipped" not in r]
-    if not ok:
+    done = [r for r in rows if ok(r)]
+    if not done:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    names = [r["impl"] for r in ok]
+    names = [r["impl"] for r in done]
     for ax, key, title in zip(axes, ("fill_per_s", "cycles_per_s", "peak_rss_gib"),
                               ("insert, filling (transitions/s)", "sample 512 + update 512 (cycles/s)",
                                "peak RSS (GiB)")):
-        vals = [r[key] for r in ok]
+        vals = [r[key] for r in done]
         bars = ax.bar(names, vals, color=["tab:blue" if n == "apex_local" else "tab:gray" for n in names])
-        for b, r in zip(bars, ok):
+        for b, r in zip(bars, done):
             label = f"{r[key + '_ratio']:.2f}x" if key + "_ratio" in r else ""
             ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.suptitle(f"Prioritized replay, capacity {ok[0]['capacity']:,}, 84x84 uint8, k=4 "
+    fig.suptitle(f"Prioritized replay, capacity {done[0]['capacity']:,}, 84x84 uint8, k=4 "
                  f"(ratios vs apex_local)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -526,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)  # child mode: one impl, JSON on stdout
     args = ap.parse_args(argv)
     if args.one:
+        def on_term(signum, frame):  # SIGTERM -> KeyboardInterrupt: `finally` stops the server, frees shm
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, on_term)
         p = QUICK if args.quick else FULL
         print(json.dumps(measure(args.one, args.capacity or p["capacity"], args.cycles or p["cycles"])))
         return 0
@@ -533,8 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [i for i in impls if i not in IMPLS]
     if bad:
         ap.error(f"unknown implementation(s) {bad}")
-    print(table(run(args.quick, impls, args.capacity, args.cycles)))
-    return 0
+    rows = run(args.quick, impls, args.capacity, args.cycles)
+    print(table(rows))
+    return 1 if failures(rows) else 0
 
 
 if __name__ == "__main__":

@@ -593,7 +593,8 @@ def markdown_apex_scaling(res: dict) -> str:
                   + ("With actor.num_actors > 0 it is the paper's ladder over actor.num_actors x envs slots."
                      if exact else
                      "With actor.num_actors=0 (as shipped) it is the prefix-covering variant: slot positions "
-                     "0, 1, 1/2, 1/4, 3/4, 1/8, ... in [0, 1], so any first S >= 2 slots span [0.4^8, 0.4] without "
+                     "0, 1, 1/2, 1/4, 3/4, 1/8, ... in [0, 1], so any first S >= 2 slots span "
+                     f"[{res['apex_eps']:g}^{1 + res['apex_alpha']:g}, {res['apex_eps']:g}] without "
                      "the processes knowing how many actors run; the positions equal the paper's evenly spaced "
                      "i/(S-1) only when S = 2^k + 1, never for S = 4N slots. Adding actors adds exploring envs "
                      "between the existing epsilons, and the existing actors keep theirs.")

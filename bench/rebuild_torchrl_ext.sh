@@ -9,7 +9,7 @@
 # _ZN5torch8autograd13_wrap_outputs...", and TensorDictPrioritizedReplayBuffer cannot be built.
 # PyPI has no torchrl sdist, but the wheel ships its own C++ sources (torchrl/csrc/), so this
 # compiles exactly the installed version's code (CPU only: the CUDA segment trees need WITH_CUDA).
-# The original .so is kept as _torchrl.*.so.pypi-orig. Needs g++; about 2 minutes with 1 job.
+# The original .so is kept as _torchrl.*.so.pypi-orig. Needs g++; 2-3 minutes with 1 job.
 set -euo pipefail
 PY=${1:-python3}
 SP=$("$PY" -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("torchrl").origin))')

@@ -111,6 +111,50 @@ def test_a_failing_part_is_reported_the_others_kept_and_exit_1(monkeypatch, tmp_
     assert "ran in quick mode" in text and "replay server exited 1" in text
 
 
+def test_a_part_with_failed_runs_keeps_its_table_and_exits_1(monkeypatch, tmp_path):
+    def partly(mode, stamp, img_dir):
+        raise suite.PartFailed("## partly\n\n| dqn | 0 | 5,000 |", "apex_2actors seed 0: exited 1")
+
+    monkeypatch.setattr(suite, "PARTS", {"solve": ("y", partly)})
+    doc = tmp_path / "b.md"
+    assert suite.main(["solve", "--smoke", "--doc", str(doc)]) == 1
+    text = doc.read_text()
+    assert "| dqn | 0 | 5,000 |" in text and "**FAILED** (in this run): apex_2actors seed 0: exited 1" in text
+
+
+def test_scaling_claim_pairs_runs_by_seed():
+    # hand-computed: 55.9 / 59.4 = 0.94, 80.4 / 67.6 = 1.19, not reached -> cap 300 / 41.9 = 7.16
+    runs = [(1, 0, 59.4), (2, 0, 55.9), (1, 1, 67.6), (2, 1, 80.4), (1, 2, 41.9), (2, 2, None)]
+    res = {"params": {"cap_s": 300.0}, "summary": [{"actors": 1, "env_steps_ratio": 1.0},
+                                                    {"actors": 2, "env_steps_ratio": 1.09}],
+           "runs": [{"actors": a, "seed": s, "time_to_threshold": t} for a, s, t in runs]}
+    text = suite.scaling_claim("b", res)
+    assert "per seed: 0.94, 1.19, 7.16 (1 of 3 seeds faster: no consistent direction)" in text, text
+    assert "env steps/s x1.09" in text
+    res["runs"] = [{"actors": a, "seed": s, "time_to_threshold": 10.0 if a == 2 else 20.0} for a, s, _ in runs]
+    assert "(3 of 3 seeds faster: faster in every seed)" in suite.scaling_claim("a", res)
+    res["runs"] = [r for r in res["runs"] if r["actors"] == 1]
+    assert suite.scaling_claim("a", res) == ""  # one actor count: nothing to compare
+
+
+def test_claims_reading_judges_by_the_seed_spread():
+    from bench.bench_r2d2_claims import _compare
+
+    assert _compare([250, 300, 280], [40, 42, 41]) == "higher in every seed (ranges do not overlap)"
+    assert _compare([10, 20], [30, 40]) == "lower in every seed (ranges do not overlap)"
+    assert "overlap" in _compare([150, 430, 190], [220, 180, 270])
+    assert _compare([100], [50]) == "one seed: no spread to judge by"
+
+
+def test_replay_rows_failed_vs_skipped():
+    from bench.bench_replay_peers import failures, ok
+
+    rows = [{"impl": "apex_local"}, {"impl": "cpprb", "skipped": "package `cpprb` not installed"},
+            {"impl": "torchrl_tensor", "failed": "subprocess failed (exit -9)"}]
+    assert [ok(r) for r in rows] == [True, False, False]
+    assert failures(rows) == ["torchrl_tensor: subprocess failed (exit -9)"]
+
+
 def test_cli_errors_name_the_problem():
     for args, msg in ((["nosuchpart"], "unknown part(s) ['nosuchpart']"),
                       (["all", "--quick", "--smoke"], "not allowed with argument")):
