@@ -248,6 +248,19 @@ def _terminate(members: list[Member], timeout: float) -> None:
             m.proc.wait(timeout=5)
 
 
+def stop_child(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGINT a child that is still running (it stops its own processes and frees its shm), wait up
+    to ``grace`` s, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
 def tail(path: Path | None, n: int = 2500) -> str:
     if path is None or not path.exists():
         return ""
@@ -426,6 +439,8 @@ def worker_inproc_learner(args) -> None:
 
 
 def worker_ale_sim(args) -> None:
+    """Random actions in ale_py's AtariVectorEnv with our AleVectorEnv's settings (``--stack``,
+    ``--sticky``, ``--noop-max`` as the config has them); bench_scaling's ale-sim worker too."""
     from ale_py.vector_env import AtariVectorEnv
 
     from apex_local.runtime import Shutdown
@@ -433,10 +448,10 @@ def worker_ale_sim(args) -> None:
     shutdown = Shutdown()
     n = args.num_envs
     venv = AtariVectorEnv(args.game, n, num_threads=min(n, os.cpu_count() or 1), autoreset_mode="SameStep",
-                          max_num_frames_per_episode=108_000, repeat_action_probability=0.25,
-                          img_height=84, img_width=84, grayscale=True, stack_num=1, frameskip=args.frame_skip,
-                          maxpool=True, noop_max=30, episodic_life=False, reward_clipping=False,
-                          use_fire_reset=True)
+                          max_num_frames_per_episode=108_000, repeat_action_probability=args.sticky,
+                          img_height=84, img_width=84, grayscale=True, stack_num=args.stack,
+                          frameskip=args.frame_skip, maxpool=True, noop_max=max(args.noop_max, 1),
+                          episodic_life=False, reward_clipping=False, use_fire_reset=True)
     rng = np.random.default_rng(args.seed)
     n_act = venv.single_action_space.n
     venv.reset(seed=args.seed)
@@ -444,7 +459,7 @@ def worker_ale_sim(args) -> None:
     try:
         for _ in range(20):
             venv.step(rng.integers(0, n_act, n))
-        print("READY", flush=True)
+        print(f"READY ale-sim {n} envs, obs {venv.single_observation_space.shape}", flush=True)
         while not shutdown:
             venv.step(rng.integers(0, n_act, n))
             rec.inc("apex_actor_env_steps_total", n)
@@ -498,6 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--game", default="pong")
     p.add_argument("--num-envs", type=int, default=4)
     p.add_argument("--frame-skip", type=int, default=4)
+    p.add_argument("--stack", type=int, default=1)
+    p.add_argument("--sticky", type=float, default=0.25)
+    p.add_argument("--noop-max", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--board", default="")
     p.add_argument("--count", type=int, default=100)

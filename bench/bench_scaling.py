@@ -63,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._plot import pyplot, save
 from bench._topo import (ROOT, Member, Registry, cpu_model, free_port_block, machine_busy_seconds,
                          proc_cpu_seconds, rotate, scrape)
 
@@ -288,15 +289,9 @@ def markdown_actors_vs_sim(res: dict) -> str:
 
 
 def plot_actors_vs_sim(res: dict, path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[bench] no plot: matplotlib is not installed (pip install -e '.[bench]')", flush=True)
+    plt = pyplot(note=True)
+    if plt is None:
         return None
-    path = Path(path)
     procs = res["params"]["procs"]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     width = 0.8 / len(SIDES)
@@ -314,11 +309,7 @@ def plot_actors_vs_sim(res: dict, path) -> Path | None:
            title=f"Pong: actors vs simulator ({res['info']['cores']} cores; labels: ratio to AtariVectorEnv)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)
 
 
 # ============================================================================ part 4: Ape-X scaling
@@ -607,15 +598,9 @@ def markdown_apex_scaling(res: dict) -> str:
 
 
 def plot_apex_scaling(res: dict, path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[bench] no plot: matplotlib is not installed (pip install -e '.[bench]')", flush=True)
+    plt = pyplot(note=True)
+    if plt is None:
         return None
-    path = Path(path)
     counts = res["params"]["counts"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -642,42 +627,15 @@ def plot_apex_scaling(res: dict, path) -> Path | None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)
 
 
 # ============================================================================ workers
 def _worker_ale_sim(args) -> None:
     """bench/_topo.py's ale-sim, with the config's frame stacking, sticky actions and noop_max."""
-    from ale_py.vector_env import AtariVectorEnv
+    from bench._topo import worker_ale_sim
 
-    from apex_local.runtime import Shutdown
-    from bench._topo import _recorder
-
-    shutdown = Shutdown()
-    n = args.num_envs
-    venv = AtariVectorEnv(args.game, n, num_threads=min(n, os.cpu_count() or 1), autoreset_mode="SameStep",
-                          max_num_frames_per_episode=108_000, repeat_action_probability=args.sticky,
-                          img_height=84, img_width=84, grayscale=True, stack_num=args.stack,
-                          frameskip=args.frame_skip, maxpool=True, noop_max=max(args.noop_max, 1),
-                          episodic_life=False, reward_clipping=False, use_fire_reset=True)
-    rng = np.random.default_rng(args.seed)
-    n_act = venv.single_action_space.n
-    venv.reset(seed=args.seed)
-    rec = _recorder(args.metrics_port, "actor", 0)
-    try:
-        for _ in range(20):
-            venv.step(rng.integers(0, n_act, n))
-        print(f"READY ale-sim {n} envs, obs {venv.single_observation_space.shape}", flush=True)
-        while not shutdown:
-            venv.step(rng.integers(0, n_act, n))
-            rec.inc("apex_actor_env_steps_total", n)
-    finally:
-        venv.close()
-        rec.close()
+    worker_ale_sim(args)
 
 
 def _worker_gym_loop(args) -> None:
