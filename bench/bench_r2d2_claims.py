@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._plot import pyplot, save
 from bench.bench_drqn import AGENTS as DRQN_AGENTS, COMMON, _with, auc
 
 def _shipped(path: str) -> dict:
@@ -171,11 +172,8 @@ def reading(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path) -> object:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8))
     for agent in AGENTS:
@@ -197,11 +195,7 @@ def plot(rows: list[dict], path) -> object:
     bx.set_title("R2D2 Q-value discrepancy", fontsize=10)
     if bx.get_legend_handles_labels()[0]:
         bx.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._plot import pyplot, save
+from bench._topo import stop_child
+
 ROOT = Path(__file__).resolve().parents[1]
 FRAME = (84, 84)
 K, N_STEP, CHUNK, BATCH, ALPHA, BETA = 4, 3, 50, 512, 0.6, 0.4
@@ -461,12 +464,7 @@ def run(quick: bool = False, impls=IMPLS, capacity: int | None = None, cycles: i
             row = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
                 {"impl": impl, "failed": f"subprocess failed (exit {proc.returncode}); see its stderr above"}
         except BaseException as exc:  # timeout or Ctrl-C: let the child stop its server and free its shm first
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+            stop_child(proc)
             if not isinstance(exc, subprocess.TimeoutExpired):
                 raise
             row = {"impl": impl, "failed": f"timed out after {timeout:.0f} s"}
@@ -508,11 +506,8 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path | None:
     """Bar charts (inserts/s, cycles/s, peak RSS) of the rows that ran; None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     done = [r for r in rows if ok(r)]
     if not done:
@@ -531,11 +526,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.suptitle(f"Prioritized replay, capacity {done[0]['capacity']:,}, 84x84 uint8, k=4 "
                  f"(ratios vs apex_local)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> int:

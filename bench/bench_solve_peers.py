@@ -78,6 +78,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import bench_solve  # noqa: E402
+from bench._topo import stop_child  # noqa: E402
 
 ENV_ID = "CartPole-v1"
 APEX_CONFIG = "configs/apex_cartpole.yaml"
@@ -194,6 +195,21 @@ def _log(verbose: bool, method: str, seed: int, steps: int, seconds: float, mean
               file=sys.stderr, flush=True)
 
 
+def _check(act, steps: int, t_start: float, evals: list, loads: list, state: dict, *, method: str, seed: int,
+           episodes: int, threshold: float, verbose: bool) -> bool:
+    """One greedy evaluation at ``steps`` env steps, recorded in ``evals`` / ``loads``; True (and
+    ``state['solved']`` set) when its mean reaches ``threshold``."""
+    rs = greedy_returns(act, episodes, seed + 10_000 + steps)
+    now = time.monotonic() - t_start
+    evals.append({"env_steps": steps, "seconds": now, "mean_return": float(np.mean(rs))})
+    loads.append(_loadavg())
+    _log(verbose, method, seed, steps, now, evals[-1]["mean_return"])
+    if evals[-1]["mean_return"] >= threshold:
+        state["solved"] = evals[-1]
+        return True
+    return False
+
+
 # ------------------------------------------------------------------ runs (in the subprocess)
 def _run_dqn_here(seed, budget, eval_every, episodes, threshold, verbose=True, **_) -> dict:
     import torch
@@ -224,14 +240,8 @@ def _run_sb3_here(seed, budget, eval_every, episodes, threshold, verbose=True, *
             n = self.num_timesteps
             if n >= state["next"]:
                 state["next"] += eval_every
-                rs = greedy_returns(lambda o: model.predict(o, deterministic=True)[0], episodes,
-                                    seed + 10_000 + n)
-                now = time.monotonic() - t_start
-                evals.append({"env_steps": n, "seconds": now, "mean_return": float(np.mean(rs))})
-                loads.append(_loadavg())
-                _log(verbose, method, seed, n, now, evals[-1]["mean_return"])
-                if evals[-1]["mean_return"] >= threshold:
-                    state["solved"] = evals[-1]
+                if _check(lambda o: model.predict(o, deterministic=True)[0], n, t_start, evals, loads, state,
+                          method=method, seed=seed, episodes=episodes, threshold=threshold, verbose=verbose):
                     return False
             return n < budget
 
@@ -310,13 +320,8 @@ def _run_tianshou_here(seed, budget, eval_every, episodes, threshold, verbose=Tr
         total = state["total"] = prefill + env_step
         if total >= state["next"]:
             state["next"] = (total // eval_every + 1) * eval_every
-            rs = greedy_returns(act, episodes, seed + 10_000 + total)
-            now = time.monotonic() - t_start
-            evals.append({"env_steps": total, "seconds": now, "mean_return": float(np.mean(rs))})
-            loads.append(_loadavg())
-            _log(verbose, method, seed, total, now, evals[-1]["mean_return"])
-            if evals[-1]["mean_return"] >= threshold:
-                state["solved"] = evals[-1]
+            if _check(act, total, t_start, evals, loads, state, method=method, seed=seed, episodes=episodes,
+                      threshold=threshold, verbose=verbose):
                 raise _StopTraining
         if total >= budget:
             raise _StopTraining
@@ -466,13 +471,7 @@ def run_isolated(method: str, seed: int, budget: int, eval_every: int = 5000, ep
         try:
             rc = p.wait()
         except BaseException:  # Ctrl-C / SIGTERM here: let the child clean up (it stops its processes)
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_child(p)
             raise
         if rc != 0 or not out.exists():
             raise RuntimeError(f"{method} seed {seed}: `{shlex.join(cmd)}` exited {rc} without a result")
