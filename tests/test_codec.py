@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from apex_local.transport import (
-    KINDS, REASONS, BatchReady, DecodeLimits, Error, Gradients, Heartbeat, Info, InfoRequest, Insert, InsertSpec,
-    PriorityUpdate, ProtocolError, SampleRequest, decode)
+    KINDS, PROTOCOL_VERSION, REASONS, BatchReady, DecodeLimits, Error, Gradients, Heartbeat, Info, InfoRequest, Insert, InsertSpec,
+    PriorityUpdate, ProtocolError, SampleRequest, decode, decode_frame)
+from apex_local.transport.codec import join_parts, split_frame
 
 K, A, FRAME = 4, 6, (5, 7)
 SPEC = InsertSpec(FRAME, np.uint8, K, A)
@@ -92,6 +93,49 @@ def test_round_trip(msg):
         assert theirs[k].dtype == np.asarray(mine[k]).dtype and np.array_equal(theirs[k], mine[k])
 
 
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).KIND)
+def test_one_frame_round_trip_is_aligned_and_zero_copy(msg):
+    frame = bytes(msg.to_frame())
+    parts = split_frame(frame, LIMITS)
+    assert [bytes(p) for p in parts] == wire(msg.encode())
+    base = np.frombuffer(frame, np.uint8).ctypes.data
+    assert all((np.frombuffer(p, np.uint8).ctypes.data - base) % 64 == 0 for p in parts if p.nbytes)
+    out = decode_frame(frame, LIMITS)
+    assert type(out) is type(msg) and out.fields() == msg.fields()
+    for k, a in out.arrays().items():
+        if a is not None:
+            assert np.array_equal(a, msg.arrays()[k]) and np.shares_memory(a, np.frombuffer(frame, np.uint8)), k
+
+
+def test_envelope_by_hand():
+    # 2 parts, 3 and 5 bytes: "APXM", u32 2, u64 3, u64 5 (24 bytes) -> part 0 at 64, part 1 at 128
+    frame = bytes(join_parts([b"abc", b"defgh"]))
+    assert frame[:24] == b"APXM" + (2).to_bytes(4, "little") + (3).to_bytes(8, "little") + (5).to_bytes(8, "little")
+    assert frame[64:67] == b"abc" and frame[128:] == b"defgh" and len(frame) == 133
+    assert [bytes(p) for p in split_frame(frame, LIMITS)] == [b"abc", b"defgh"]
+
+
+ENVELOPE_BAD = [
+    ("empty", b"", "bad_header"),
+    ("short", b"APX", "bad_header"),
+    ("wrong_magic", b"APXN" + bytes(100), "bad_header"),
+    ("zero_parts", b"APXM" + bytes(4), "frame_count"),
+    ("too_many_parts", b"APXM" + (34).to_bytes(4, "little") + bytes(400), "frame_count"),
+    ("lengths_cut", b"APXM" + (3).to_bytes(4, "little") + bytes(10), "bad_header"),
+    ("part_past_end", bytes(join_parts([b"abc", b"defgh"]))[:-1], "length_mismatch"),
+    ("trailing_bytes", bytes(join_parts([b"abc", b"defgh"])) + b"x", "length_mismatch"),
+    ("huge_length", b"APXM" + (1).to_bytes(4, "little") + (2**63).to_bytes(8, "little") + bytes(60),
+     "length_mismatch"),
+]
+
+
+@pytest.mark.parametrize("frame,reason", [c[1:] for c in ENVELOPE_BAD], ids=[c[0] for c in ENVELOPE_BAD])
+def test_envelope_rejects(frame, reason):
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(frame, LIMITS)
+    assert info.value.reason == reason, info.value.detail
+
+
 def test_sequence_insert_round_trip():
     msg = Insert(sender="actor.0", chunk=sequence_chunk())
     out = decode(wire(msg.encode()), DecodeLimits(insert=SEQ_SPEC))
@@ -162,7 +206,7 @@ BAD = [
     ("missing_frame", GOOD[:-1], LIMITS, "frame_count"),
     ("extra_frame", [*GOOD, b"x"], LIMITS, "frame_count"),
     ("too_many_frames", [GOOD[0]] + [b""] * 40, LIMITS, "frame_count"),
-    ("bad_version", rehead(SR, v=2), LIMITS, "bad_version"),
+    ("bad_version", rehead(SR, v=PROTOCOL_VERSION + 1), LIMITS, "bad_version"),
     ("version_missing", [msgpack.packb({"kind": "heartbeat"})], LIMITS, "bad_version"),
     ("unknown_kind", rehead(SR, kind="pickle"), LIMITS, "unknown_kind"),
     ("insert_without_spec", GOOD, DecodeLimits(), "unknown_kind"),
@@ -192,7 +236,7 @@ BAD = [
                                              priority=np.ones(3, np.float32)).encode()), LIMITS, "bad_shape"),
     ("truncated_frame", [*GOOD[:-1], GOOD[-1][:-1]], LIMITS, "length_mismatch"),
     ("frame_too_long", [*GOOD[:-1], GOOD[-1] + b"\x00" * 4], LIMITS, "length_mismatch"),
-    ("header_over_64k", [msgpack.packb({"v": 1, "kind": "heartbeat", **{f"k{i}": "y" * 3000 for i in range(30)}})],
+    ("header_over_64k", [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "heartbeat", **{f"k{i}": "y" * 3000 for i in range(30)}})],
      LIMITS, "too_large"),
     ("message_over_limit", GOOD, DecodeLimits(insert=SPEC, max_message_bytes=64), "too_large"),
     ("declared_size_bomb", _set_decl(0, shape=[2**40, 5, 7])(GOOD), LIMITS, "too_large"),

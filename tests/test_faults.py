@@ -21,6 +21,7 @@ from service_harness import ROOT, Topology, free_port_block
 
 from apex_local.monitoring.procstats import resident_bytes
 from apex_local.transport import Insert, endpoints
+from apex_local.transport.codec import join_parts
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -165,8 +166,8 @@ def test_3_learner_killed_resumes_from_its_last_checkpoint(topo):
 
 # ---------------------------------------------------------------- 4. fuzzing the replay socket
 def fuzz_messages(n: int, seed: int = 0):
-    """n malformed multipart messages: garbage, truncated, oversized, wrong dtype, wrong shape,
-    NaN, wrong kind; each names the reason the server should count it under."""
+    """n malformed messages (each a list of ZMQ frames): garbage, truncated, oversized, wrong
+    dtype, wrong shape, NaN, extra parts, multipart (protocol 1) messages."""
     rng = np.random.default_rng(seed)
     good = {"frames": np.zeros((3, 4), np.float32), "frame_stream": np.zeros(3, np.int32),
             "frame_seq": np.arange(3, dtype=np.int64), "stream": np.zeros(2, np.int32),
@@ -180,19 +181,21 @@ def fuzz_messages(n: int, seed: int = 0):
         if k == 0:
             out.append([rng.bytes(int(rng.integers(1, 300)))])  # random bytes
         elif k == 1:
-            out.append([bytes(frames[0])[: int(rng.integers(1, len(frames[0])))]] + list(frames[1:]))  # cut header
+            cut = [bytes(frames[0])[: int(rng.integers(1, len(frames[0])))]] + list(frames[1:])
+            out.append([join_parts(cut)])  # cut header
         elif k == 2:
-            out.append(list(frames[:-1]) + [bytes(frames[-1])[:-1]])  # cut array frame
+            whole = bytes(join_parts(frames))
+            out.append([whole[: int(rng.integers(1, len(whole)))]])  # cut frame
         elif k == 3:
-            out.append(Insert(actor_id=77, chunk=dict(good, action=np.zeros(2, np.float64))).encode())  # dtype
+            out.append([Insert(actor_id=77, chunk=dict(good, action=np.zeros(2, np.float64))).to_frame()])  # dtype
         elif k == 4:
-            out.append(Insert(actor_id=77, chunk=dict(good, frames=np.zeros((3, 5), np.float32))).encode())  # shape
+            out.append([Insert(actor_id=77, chunk=dict(good, frames=np.zeros((3, 5), np.float32))).to_frame()])
         elif k == 5:
-            out.append(Insert(actor_id=77, chunk=dict(good, reward=np.array([np.nan, 1], np.float32))).encode())
+            out.append([Insert(actor_id=77, chunk=dict(good, reward=np.array([np.nan, 1], np.float32))).to_frame()])
         elif k == 6:
-            out.append(list(frames) + [b"extra"] * int(rng.integers(1, 60)))  # extra / too many frames
+            out.append([join_parts(list(frames) + [b"extra"] * int(rng.integers(1, 60)))])  # extra / too many parts
         else:
-            out.append([b"\x00" * int(rng.integers(1, 50))] + [rng.bytes(8)])  # garbage header + junk
+            out.append(list(frames))  # a multipart message (protocol 1)
     return out
 
 

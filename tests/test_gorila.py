@@ -257,11 +257,11 @@ def test_paramserver_service_applies_publishes_and_counts_bad_messages(tmp_path)
         n = svc.core.num_params
         good = np.full(n, 0.01, np.float32)
         for v in (1, 2, 3):
-            push.send_multipart(Gradients(sender="learner.0", weights_version=v, batch_size=4, grad=good).encode())
-        push.send_multipart(Gradients(sender="learner.1", grad=np.full(n, np.nan, np.float32)).encode())
-        push.send_multipart(Gradients(sender="learner.1", grad=good[:-2]).encode())
+            push.send(Gradients(sender="learner.0", weights_version=v, batch_size=4, grad=good).to_frame())
+        push.send(Gradients(sender="learner.1", grad=np.full(n, np.nan, np.float32)).to_frame())
+        push.send(Gradients(sender="learner.1", grad=good[:-2]).to_frame())
         push.send_multipart([b"\x00garbage"])
-        push.send_multipart(Gradients(sender="learner.1", weights_version=1, grad=good).encode())  # stale 3 <= 32
+        push.send(Gradients(sender="learner.1", weights_version=1, grad=good).to_frame())  # stale 3 <= 32
         end = time.monotonic() + 10
         while time.monotonic() < end and sum(svc.core.received.values()) + sum(svc.core.dropped.values()) < 7:
             svc.step(50)
@@ -417,15 +417,15 @@ def test_local_replay_validates_inserts_like_the_replay_server_and_counts_drops_
     assert local.endpoint == learner_replay_endpoint(cfg, rid, 1) and local.endpoint.endswith("gorila_replay.1.sock")
     try:
         c0, c1 = _chunks(2)
-        ins = lambda c, steps: Insert(sender="actor.0", actor_id=0, env_steps=steps, chunk=c).encode()  # noqa: E731
-        push.send_multipart(ins(c0, 20))
+        ins = lambda c, steps: Insert(sender="actor.0", actor_id=0, env_steps=steps, chunk=c).to_frame()  # noqa: E731
+        push.send(ins(c0, 20))
         backwards = dict(c1, frame_seq=c1["frame_seq"][::-1].copy())  # well-formed arrays, seqs not increasing
-        push.send_multipart(ins(backwards, 20))  # refused by the table as a whole: bad_chunk
+        push.send(ins(backwards, 20))  # refused by the table as a whole: bad_chunk
         push.send_multipart([b"\x00garbage"])  # bad_header
-        push.send_multipart(Gradients(sender="learner.0", grad=np.zeros(3, np.float32)).encode())  # unknown_kind
+        push.send(Gradients(sender="learner.0", grad=np.zeros(3, np.float32)).to_frame())  # unknown_kind
         wrong = dict(c1, action=c1["action"].astype(np.float32))  # bad_dtype, refused before the table sees it
-        push.send_multipart(ins(wrong, 20))
-        push.send_multipart(ins(c1, 20))  # still fine: nothing of the bad messages was stored
+        push.send(ins(wrong, 20))
+        push.send(ins(c1, 20))  # still fine: nothing of the bad messages was stored
         end = time.monotonic() + 10
         while time.monotonic() < end and local.replay.inserted < len(c0["action"]) + len(c1["action"]):
             local.wait(50)
@@ -578,4 +578,4 @@ def test_honcho_starts_gorila_with_local_replay_and_the_paramserver_ends_the_run
     assert "paramserver.1" in text and "stopping (reached" in text, text[-4000:]
     state = load_checkpoint(t.tmp / "run" / "checkpoint.pt")
     assert state["env_steps"] >= 12_000 and state["paramserver"]["received"].keys() == {"0", "1"}
-    assert t.leftovers() == []
+    assert t.leftovers() == [], text[-4000:]

@@ -19,7 +19,7 @@ import zmq
 from apex_local.config import TransportConfig
 from apex_local.transport import (
     BatchReady, DecodeLimits, Info, InfoRequest, Insert, InsertSpec, PortInUseError, ProtocolError, RequestClient,
-    SampleRequest, decode, endpoints, make_socket, new_context, recv_message, send_message)
+    SampleRequest, decode_frame, endpoints, make_socket, new_context, recv_message, send_message)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,8 +134,9 @@ def test_messages_over_ipc_are_zero_copy(ctx, ipc_dir):
     assert send_message(push, Insert(sender="actor.0", actor_id=0, chunk=chunk))
     assert pull.poll(5000)
     frames = pull.recv_multipart(copy=False)
-    msg = decode(frames, DecodeLimits(insert=spec))
-    assert np.shares_memory(msg.chunk["frames"], np.frombuffer(frames[1].buffer, np.uint8))
+    assert len(frames) == 1  # one frame per message, never multipart (codec.py)
+    msg = decode_frame(frames[0], DecodeLimits(insert=spec))
+    assert np.shares_memory(msg.chunk["frames"], np.frombuffer(frames[0].buffer, np.uint8))
     assert (msg.chunk["frames"] == 3).all()
     push.close()
     pull.close()
@@ -156,6 +157,10 @@ def test_router_identity_bad_message_and_vanished_peer(ctx, ipc_dir):
     with pytest.raises(ProtocolError) as info:
         recv_message(router, timeout_ms=5000, router=True)
     assert info.value.reason == "bad_header" and info.value.identity == identity
+    dealer.send_multipart([*InfoRequest(request_id=5).encode(), b"x"])  # multipart, as protocol 1 sent it
+    with pytest.raises(ProtocolError) as info:
+        recv_message(router, timeout_ms=5000, router=True)
+    assert info.value.reason == "frame_count" and info.value.identity == identity
     assert recv_message(router, timeout_ms=10, router=True) is None
     assert not send_message(router, Info(request_id=1), identity=b"\x00gone")  # ROUTER_MANDATORY
     dealer.close()

@@ -12,6 +12,7 @@ import pytest
 import zmq
 
 from apex_local.transport import Insert, endpoints
+from apex_local.transport.codec import join_parts
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -58,10 +59,11 @@ def _garbage(cfg, spec_frame_shape):
     nan = dict(chunk, reward=np.array([np.nan], np.float32))
     wrong_dtype = dict(chunk, action=np.zeros(1, np.float64))
     return {
-        "bad_header": [[b"\x00garbage"], [b"\xff" * 100, b"x"]],
-        "bad_shape": [Insert(actor_id=9, chunk=wrong_shape).encode()],
-        "non_finite": [Insert(actor_id=9, chunk=nan).encode()],
-        "bad_dtype": [Insert(actor_id=9, chunk=wrong_dtype).encode()],
+        "bad_header": [[b"\x00garbage"], [join_parts([b"\xff" * 100])]],
+        "frame_count": [[b"\xff" * 100, b"x"], Insert(actor_id=9, chunk=chunk).encode()],  # multipart: protocol 1
+        "bad_shape": [[Insert(actor_id=9, chunk=wrong_shape).to_frame()]],
+        "non_finite": [[Insert(actor_id=9, chunk=nan).to_frame()]],
+        "bad_dtype": [[Insert(actor_id=9, chunk=wrong_dtype).to_frame()]],
     }
 
 

@@ -18,7 +18,8 @@ from apex_local.transport.curve import (
 from apex_local.transport.codec import PROTOCOL_VERSION, REASONS, DecodeLimits, ProtocolError
 from apex_local.transport.insert_spec import InsertSpec
 from apex_local.transport.protocol import (
-    KINDS, BatchReady, Error, Gradients, Heartbeat, Info, InfoRequest, Insert, Message, PriorityUpdate, SampleRequest, decode)
+    KINDS, BatchReady, Error, Gradients, Heartbeat, Info, InfoRequest, Insert, Message, PriorityUpdate, SampleRequest,
+    decode, decode_frame)
 from apex_local.transport.rundir import CleanReport, PidFile, RunPaths, clean, register_process, run_paths
 from apex_local.transport.shm import (
     Segment, ShmAllocator, ShmError, allocator, check_free_space, ndarray_view, segment_name)
@@ -30,6 +31,7 @@ from apex_local.transport.sockets import (
 __all__ = [
     "PROTOCOL_VERSION", "REASONS", "DecodeLimits", "ProtocolError", "InsertSpec", "KINDS", "Message", "Insert",
     "SampleRequest", "BatchReady", "PriorityUpdate", "Gradients", "InfoRequest", "Info", "Heartbeat", "Error", "decode",
+    "decode_frame",
     "Segment", "ShmAllocator", "ShmError", "allocator", "check_free_space", "ndarray_view", "segment_name",
     "RunPaths", "run_paths", "PidFile", "register_process", "CleanReport", "clean",
     "WeightsBoard", "WeightsPublisher", "WeightsSubscriber", "BatchSlots", "Slot", "StaleSlotError",

@@ -1,10 +1,21 @@
-"""Wire codec: one bounded msgpack header frame + raw array frames, validated on decode.
+"""Wire codec: one bounded msgpack header part + raw array parts, in one ZMQ frame, validated
+on decode.
 
-A message is a multipart ZMQ message::
+A message has parts::
 
-    frame 0     msgpack map {"v": PROTOCOL_VERSION, "kind": str, "sender": str, "wv": int,
+    part 0      msgpack map {"v": PROTOCOL_VERSION, "kind": str, "sender": str, "wv": int,
                              "arrays": [[name, dtype_str, shape], ...], <kind-specific scalars>}
-    frame 1..n  the arrays, C-contiguous little-endian raw bytes, in the order of "arrays"
+    part 1..n   the arrays, C-contiguous little-endian raw bytes, in the order of "arrays"
+
+and travels as ONE single-part ZMQ message (`join_parts` / `split_frame`)::
+
+    b"APXM" | u32 n | u64 length of each part (n of them) | pad to 64 | part 0 | pad to 64 | part 1 ...
+
+(little-endian; every part starts 64-byte aligned within the frame). Why one frame: libzmq
+4.3.x aborts the whole process (``session_base.cpp:233``, libzmq issue 3442) when a connection
+drops while its I/O thread has sent some parts of a multipart message and the socket is
+being closed, which is what happens when every process of a run stops at once. A single-part
+message is never half-sent, so that path cannot be reached (docs/architecture.md).
 
 Never pickle. Decoding is zero-copy: each array is ``np.frombuffer`` over the received frame
 (read-only; it keeps the frame alive). Everything a peer sends is checked before use, and
@@ -16,6 +27,7 @@ This module holds the kind-independent machinery; `protocol.py` holds the messag
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -25,13 +37,13 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from apex_local.transport.protocol import InsertSpec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: one frame per message (the envelope above)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_I64 = 2**63 - 1
 
 REASONS = (
-    "bad_header",        # not msgpack, not a map, malformed "arrays" entry, wrong field type
-    "frame_count",       # frame count != 1 + len(arrays), or no frames at all
+    "bad_header",        # a malformed envelope, not msgpack, not a map, malformed "arrays" entry, wrong field type
+    "frame_count",       # not one ZMQ frame, or part count != 1 + len(arrays), or no parts at all
     "bad_version",       # "v" != PROTOCOL_VERSION
     "unknown_kind",      # kind not known, or not accepted on this socket
     "bad_field",         # a scalar header field missing / wrong type / out of range
@@ -102,6 +114,62 @@ def as_buffer(frame: Any) -> memoryview:
     except TypeError as exc:
         raise ProtocolError("bad_header", f"frame is not a byte buffer: {type(frame).__name__}") from exc
     return mv
+
+
+_MAGIC = b"APXM"
+_ENVELOPE = struct.Struct("<4sI")
+_ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def join_parts(parts: Sequence[Any]) -> bytearray:
+    """The one ZMQ frame that carries ``parts`` (header bytes, then arrays): the envelope in the
+    module docstring. One copy of the arrays (the price of never sending a multipart message)."""
+    views = [as_buffer(p) for p in parts]
+    head = _ENVELOPE.size + 8 * len(views)
+    offsets, end = [], _aligned(head)
+    for v in views:
+        offsets.append(end)
+        end = _aligned(end + v.nbytes)
+    out = bytearray(offsets[-1] + views[-1].nbytes if views else head)
+    _ENVELOPE.pack_into(out, 0, _MAGIC, len(views))
+    struct.pack_into(f"<{len(views)}Q", out, _ENVELOPE.size, *(v.nbytes for v in views))
+    for off, v in zip(offsets, views):
+        out[off:off + v.nbytes] = v
+    return out
+
+
+def split_frame(frame: Any, limits: "DecodeLimits") -> list[memoryview]:
+    """The parts of one received frame (zero-copy views), or `ProtocolError`: 'bad_header' for a
+    malformed envelope, 'frame_count' for more parts than a message may have, 'length_mismatch'
+    when the part lengths do not add up to the frame."""
+    buf = as_buffer(frame)
+    if buf.nbytes < _ENVELOPE.size:
+        raise ProtocolError("bad_header", f"a {buf.nbytes}-byte frame is too short for the message envelope")
+    magic, n = _ENVELOPE.unpack_from(buf, 0)
+    if magic != _MAGIC:
+        raise ProtocolError("bad_header", f"frame does not start with {_MAGIC!r} (got {bytes(magic)!r}): "
+                                          "not an apex-local message, or an older protocol version")
+    if not 1 <= n <= 1 + limits.max_arrays:
+        raise ProtocolError("frame_count", f"envelope declares {n} parts, expected 1..{1 + limits.max_arrays}")
+    head = _ENVELOPE.size + 8 * n
+    if buf.nbytes < head:
+        raise ProtocolError("bad_header", f"frame of {buf.nbytes} bytes is shorter than its {n}-part envelope")
+    lengths = struct.unpack_from(f"<{n}Q", buf, _ENVELOPE.size)
+    parts, end = [], _aligned(head)
+    for i, length in enumerate(lengths):
+        if end + length > buf.nbytes:
+            raise ProtocolError("length_mismatch", f"part {i} ({length} bytes at {end}) runs past the "
+                                                   f"{buf.nbytes}-byte frame")
+        parts.append(buf[end:end + length])
+        stop = end + length
+        end = _aligned(stop)
+    if stop != buf.nbytes:
+        raise ProtocolError("length_mismatch", f"frame has {buf.nbytes} bytes, its parts end at {stop}")
+    return parts
 
 
 def pack_header(kind: str, sender: str, weights_version: int, arrays: Sequence[tuple[str, np.ndarray]],
@@ -183,22 +251,22 @@ def get_list(h: Mapping, key: str, item_type: type, max_len: int) -> list:
 # --------------------------------------------------------------------------- arrays
 
 
-def decode_arrays(header: Mapping, frames: Sequence[Any], allowed: Mapping[str, ArraySpec],
+def decode_arrays(header: Mapping, parts: Sequence[Any], allowed: Mapping[str, ArraySpec],
                   limits: DecodeLimits) -> dict[str, np.ndarray]:
-    """Zero-copy arrays from frames 1..n, checked against the header and the allow-list.
+    """Zero-copy arrays from parts 1..n, checked against the header and the allow-list.
 
-    Checks (in order): declaration well-formed, frame count, name allowed, dtype allowed,
+    Checks (in order): declaration well-formed, part count, name allowed, dtype allowed,
     shape well-formed, total size bound, exact byte length, required names present, float
     arrays finite. Shapes against a spec are the kind's job (they depend on each other).
     """
     decl = header.get("arrays", [])
     if not isinstance(decl, list):
         raise ProtocolError("bad_header", "'arrays' must be a list")
-    if len(decl) != len(frames) - 1:
-        raise ProtocolError("frame_count", f"header declares {len(decl)} arrays, got {len(frames) - 1} frames")
+    if len(decl) != len(parts) - 1:
+        raise ProtocolError("frame_count", f"header declares {len(decl)} arrays, got {len(parts) - 1} array parts")
     out: dict[str, np.ndarray] = {}
     total = 0
-    for entry, frame in zip(decl, frames[1:]):
+    for entry, part in zip(decl, parts[1:]):
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
             raise ProtocolError("bad_header", "each 'arrays' entry must be [name, dtype, shape]")
         name, dt, shape = entry
@@ -217,9 +285,9 @@ def decode_arrays(header: Mapping, frames: Sequence[Any], allowed: Mapping[str, 
         total += nbytes
         if total > limits.max_message_bytes:
             raise ProtocolError("too_large", f"arrays exceed {limits.max_message_bytes} bytes (at {name!r})")
-        buf = as_buffer(frame)
+        buf = as_buffer(part)
         if buf.nbytes != nbytes:
-            raise ProtocolError("length_mismatch", f"array {name!r}: frame has {buf.nbytes} bytes, "
+            raise ProtocolError("length_mismatch", f"array {name!r}: part has {buf.nbytes} bytes, "
                                                    f"shape {shape} {dt} needs {nbytes}")
         out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
     for name, spec in allowed.items():

@@ -20,8 +20,9 @@ error              replay -> requester         request_id, reason, detail, retry
 =================  ==========================  =============================================
 
 Every message also carries ``sender`` (e.g. 'actor.3') and ``weights_version`` ("wv").
-``msg.encode()`` gives the frames; `decode` (frames, limits) validates everything and raises
-`ProtocolError`. Unknown extra header keys are ignored (additive changes need no version bump).
+``msg.encode()`` gives the parts and ``msg.to_frame()`` the one ZMQ frame that carries them
+(codec.py); `decode_frame` (frame, limits) / `decode` (parts, limits) validate everything and
+raise `ProtocolError`. Unknown extra header keys are ignored (additive changes need no version bump).
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ import numpy as np
 
 from apex_local.transport.codec import (
     MAX_I64, PROTOCOL_VERSION, ArraySpec, DecodeLimits, ProtocolError, check_range, check_shape,
-    decode_arrays, get_float, get_int, get_list, get_str, pack_header, unpack_header, wire_array)
+    decode_arrays, get_float, get_int, get_list, get_str, join_parts, pack_header, split_frame, unpack_header,
+    wire_array)
 from apex_local.transport.insert_spec import InsertSpec
 
 __all__ = ["Message", "Insert", "SampleRequest", "BatchReady", "PriorityUpdate", "Gradients", "InfoRequest", "Info",
-           "Heartbeat", "Error", "KINDS", "decode", "DEFAULT_LIMITS", "InsertSpec"]
+           "Heartbeat", "Error", "KINDS", "decode", "decode_frame", "DEFAULT_LIMITS", "InsertSpec"]
 
 DEFAULT_LIMITS = DecodeLimits()
 _I64 = ("<i8",)
@@ -60,10 +62,14 @@ class Message:
         return {}
 
     def encode(self) -> list[bytes | np.ndarray]:
-        """Frames for ``socket.send_multipart(frames, copy=False)``."""
+        """The parts: header bytes, then the arrays (not copied)."""
         arrs = [(n, wire_array(a)) for n, a in self.arrays().items() if a is not None]
         return [pack_header(self.KIND, self.sender, self.weights_version, arrs, self.fields()),
                 *(a for _, a in arrs)]
+
+    def to_frame(self) -> bytearray:
+        """The one ZMQ frame that carries this message (``codec.join_parts``)."""
+        return join_parts(self.encode())
 
     @classmethod
     def array_specs(cls, limits: DecodeLimits) -> Mapping[str, ArraySpec]:
@@ -292,14 +298,19 @@ KINDS: dict[str, type[Message]] = {c.KIND: c for c in (
     Insert, SampleRequest, BatchReady, PriorityUpdate, Gradients, InfoRequest, Info, Heartbeat, Error)}
 
 
-def decode(frames: Sequence[Any], limits: DecodeLimits = DEFAULT_LIMITS) -> Message:
-    """Validate and decode one multipart message (zmq.Frame / bytes / buffers); arrays are
-    zero-copy read-only views. Raises `ProtocolError` with a `REASONS` label."""
-    if not isinstance(frames, (list, tuple)) or not frames:
-        raise ProtocolError("frame_count", "a message needs at least the header frame")
-    if len(frames) > 1 + limits.max_arrays:
-        raise ProtocolError("frame_count", f"{len(frames)} frames > 1 + {limits.max_arrays}")
-    h = unpack_header(frames[0], limits)
+def decode_frame(frame: Any, limits: DecodeLimits = DEFAULT_LIMITS) -> Message:
+    """Validate and decode the one ZMQ frame of a message (`Message.to_frame`)."""
+    return decode(split_frame(frame, limits), limits)
+
+
+def decode(parts: Sequence[Any], limits: DecodeLimits = DEFAULT_LIMITS) -> Message:
+    """Validate and decode a message's parts (zmq.Frame / bytes / buffers; `Message.encode`);
+    arrays are zero-copy read-only views. Raises `ProtocolError` with a `REASONS` label."""
+    if not isinstance(parts, (list, tuple)) or not parts:
+        raise ProtocolError("frame_count", "a message needs at least the header part")
+    if len(parts) > 1 + limits.max_arrays:
+        raise ProtocolError("frame_count", f"{len(parts)} parts > 1 + {limits.max_arrays}")
+    h = unpack_header(parts[0], limits)
     v = h.get("v")
     if not isinstance(v, int) or isinstance(v, bool) or v != PROTOCOL_VERSION:
         raise ProtocolError("bad_version", f"protocol version {str(v)[:16]!r}, this build speaks {PROTOCOL_VERSION}")
@@ -310,6 +321,6 @@ def decode(frames: Sequence[Any], limits: DecodeLimits = DEFAULT_LIMITS) -> Mess
     if limits.kinds is not None and kind not in limits.kinds:
         raise ProtocolError("unknown_kind", f"kind {kind!r} is not accepted on this socket")
     base = {"sender": get_str(h, "sender"), "weights_version": get_int(h, "wv", 0, MAX_I64)}
-    arrays = decode_arrays(h, frames, cls.array_specs(limits), limits)
+    arrays = decode_arrays(h, parts, cls.array_specs(limits), limits)
     return cls.from_wire(h, arrays, limits, **base)
 

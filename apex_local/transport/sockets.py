@@ -37,7 +37,7 @@ import zmq
 
 from apex_local.transport.codec import DecodeLimits, ProtocolError
 from apex_local.transport.curve import RunContext, curve_enabled, secure_socket
-from apex_local.transport.protocol import DEFAULT_LIMITS, Message, decode
+from apex_local.transport.protocol import DEFAULT_LIMITS, Message, decode_frame
 from apex_local.transport.rundir import run_paths
 
 __all__ = ["ROLE_PORT_OFFSETS", "TransportError", "PortInUseError", "new_context", "endpoints", "make_socket",
@@ -172,14 +172,16 @@ def send_message(sock: zmq.Socket, msg: Message, *, identity: bytes | None = Non
     """Send ``msg``. False when the send timed out (SNDTIMEO), would block (``block=False``),
     or the ROUTER peer ``identity`` is gone.
 
-    Zero-copy: arrays of 64 KiB and more are handed to ZMQ by reference and read later by its
-    I/O thread, so do not modify them after sending (send fresh arrays, as the accumulators do).
+    The message travels as one frame (`Message.to_frame`, one copy of its arrays): a multipart
+    message can abort the process in libzmq when its peer goes away mid-send (codec.py).
     """
-    frames = msg.encode()
-    if identity is not None:
-        frames = [identity, *frames]
+    frame = msg.to_frame()
+    flags = 0 if block else zmq.NOBLOCK
     try:
-        sock.send_multipart(frames, flags=0 if block else zmq.NOBLOCK, copy=False)
+        if identity is not None:  # ROUTER: the identity frame only picks the peer; one frame goes out
+            sock.send_multipart([identity, frame], flags=flags, copy=False)
+        else:
+            sock.send(frame, flags=flags, copy=False)
         return True
     except zmq.Again:
         return False
@@ -214,7 +216,10 @@ def recv_message(sock: zmq.Socket, limits: DecodeLimits = DEFAULT_LIMITS, *, tim
     if router:
         identity, frames = frames[0].bytes, frames[1:]
     try:
-        return identity, decode(frames, limits)
+        if len(frames) != 1:
+            raise ProtocolError("frame_count", f"a message is one ZMQ frame, got {len(frames)} "
+                                               "(a peer speaking an older protocol version?)")
+        return identity, decode_frame(frames[0], limits)
     except ProtocolError as exc:
         exc.identity = identity
         raise
