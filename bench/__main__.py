@@ -314,11 +314,11 @@ def scaling_claim(tag: str, res: dict) -> str:
 GPU_CONFIGS = {"apex": "configs/apex_pong.yaml", "r2d2": "configs/r2d2_pong.yaml"}
 GPU_DEVICE_ENV = "APEX_BENCH_GPU_DEVICE"  # force a device (e.g. cpu: the smoke test of this code path)
 GPU_SIZES = {  # per mode: sweep cap per actor count, the +18 run's cap (0: not run), overrides per topology
-    "smoke": {"sweep_cap_s": 15.0, "solve_cap_s": 0.0, "counts": [1], "eval_every": 10.0, "eval_episodes": 1,
+    "smoke": {"sweep_cap_s": 20.0, "solve_cap_s": 0.0, "counts": [1], "eval_every": 10.0, "eval_episodes": 1,
               "overrides": {  # tiny: learning starts within seconds on a CPU (replay sizes: R2D2 counts sequences)
                   "apex": {"replay.capacity": 5_000, "replay.min_size": 500, "learner.batch_size": 32,
                            "env.num_envs": 1, "learner.target_update_period": 100},
-                  "r2d2": {"replay.capacity": 500, "replay.min_size": 8, "learner.batch_size": 4,
+                  "r2d2": {"replay.capacity": 500, "replay.min_size": 2, "learner.batch_size": 2,
                            "env.num_envs": 1, "learner.target_update_period": 100}}},
     "quick": {"sweep_cap_s": 120.0, "solve_cap_s": 0.0, "counts": None, "eval_every": 60.0, "eval_episodes": 3,
               "overrides": {}},

@@ -499,7 +499,10 @@ def test_r2d2_and_gorila_rows_return_data_from_a_real_prometheus(tmp_path):
             g = f'run="{gorila.run_id}"'
             applied = values(api, f"sum(rate(apex_paramserver_gradients_applied_total{{{g}}}[{RATE_WINDOW}]))")
             assert applied[0] > 0
-            assert len(values(api, f"apex_learner_replay_size{{{g}}} > 0")) == 2  # each learner's own replay filled
+            # each learner's own replay filled (an actor that started before learner 1's pid file existed feeds
+            # learner 0 until its next route check, so learner 1's replay may start a scrape or two later)
+            _wait(lambda: len(values(api, f"apex_learner_replay_size{{{g}}} > 0")) == 2, 30,
+                  "both Gorila learners' own replays filled", both)
 
             def learners_sending():  # a learner starts pushing once its own replay reached min_size
                 by_learner = query(api, f"sum by (learner) (apex_paramserver_gradients_received_total{{{g}}})")
