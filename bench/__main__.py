@@ -411,8 +411,8 @@ def part_r2d2_claims(mode: str, stamp: str, img_dir: Path | None) -> str:
         f"CartPole-v1 with the velocities dropped (observation [x, theta]), {p['steps']:,} env steps per run, "
         f"{p['seeds']} seed(s), greedy evaluation (10 episodes) every {p['eval_every']:,} env steps; agent "
         "settings: the recurrent agents run the shipped `configs/r2d2_cartpole_masked.yaml` (`lstm_zero`: with "
-        "`learner.stored_state: false`), the feed-forward ones the shipped `configs/dqn_cartpole.yaml` settings on "
-        "the masked env with 1 or 4 frames (`bench/bench_r2d2_claims.py`). Claims: DRQN (recurrent 1 frame ~ feed-forward "
+        "`learner.stored_state: false`), the feed-forward ones `configs/dqn_cartpole.yaml`'s settings as "
+        "`bench/bench_drqn.py` pins them (one update of 64 per env step) on the masked env with 1 or 4 frames (`bench/bench_r2d2_claims.py`). Claims: DRQN (recurrent 1 frame ~ feed-forward "
         "4 frames >> feed-forward 1 frame) and the R2D2 stored-state vs zero-state ablation with the "
         "Q-value discrepancy Delta Q (stored vs zero start state, both unrolled over the burn-in, every 100 "
         "updates). The longer 3-seed DRQN comparison is in [benchmarks_drqn.md](benchmarks_drqn.md).",

@@ -19,9 +19,9 @@ evaluated greedily (epsilon 0.001, 10 episodes) every ``--eval-every`` env steps
 The recurrent agents run the shipped ``configs/r2d2_cartpole_masked.yaml`` (the Ape-X / R2D2
 per-slot epsilon ladder, one update per 8 env steps), read when this module is imported, so
 the numbers follow the shipped file; ``lstm_zero`` is it with ``learner.stored_state: false``.
-The feed-forward agents are bench/bench_drqn.py's ``ff_1frame`` / ``ff_4frames``: the shipped
-``configs/dqn_cartpole.yaml`` settings (linear epsilon 1 -> 0.02 over 10k steps, one update per
-env step) on the masked env, 1 or 4 frames. Each agent thus runs its own tuned settings, not
+The feed-forward agents are bench/bench_drqn.py's ``ff_1frame`` / ``ff_4frames``: the
+``configs/dqn_cartpole.yaml`` settings as bench_drqn.py pins them (linear epsilon 1 -> 0.02 over
+10k steps, one update of 64 per env step) on the masked env, 1 or 4 frames. Each agent thus runs its own tuned settings, not
 one shared exploration schedule. The Delta Q here compares stored vs zero start states after
 the burn-in (both unrolled by the current network); R2D2 compares against the "true" state from
 unrolling the whole episode, which our replay does not keep.

@@ -43,7 +43,7 @@ def _learn(tmp_path, config: str, *, seed: int, budget: int, eval_every: int, th
     return summary
 
 
-# Seeds 0-2 all reach 200 at the 2k-step evaluation (8-14 s); 20k is the budget.
+# Seeds 0-2 reach 200 at the 2k-3k-step evaluations (a few seconds); 20k is the budget.
 @pytest.mark.timeout(900)
 def test_local_dqn_reaches_200_on_cartpole(tmp_path):
     _learn(tmp_path, "dqn_cartpole.yaml", seed=0, budget=20_000, eval_every=1000, threshold=200.0,

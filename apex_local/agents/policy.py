@@ -76,10 +76,16 @@ class Policy:
         self.device = next(net.parameters()).device
         self.state = net.initial_state(num_envs, self.device) if net.recurrent else None
 
+    def _mode(self) -> None:
+        """Noisy layers sample in train mode only; ``train()`` walks every submodule, so it is
+        called only when the mode differs (the local trainer's learner flips it back)."""
+        if self.net.training != self.noise:
+            self.net.train(self.noise)
+
     @torch.no_grad()
     def q_values(self, obs: np.ndarray) -> np.ndarray:
         """Q(s, .) for a batch without touching the recurrent state (feed-forward nets only)."""
-        self.net.train(self.noise)
+        self._mode()
         return self.net(torch.as_tensor(obs, device=self.device)).q.float().cpu().numpy()
 
     @torch.no_grad()
@@ -90,7 +96,7 @@ class Policy:
         step) without advancing it; call before ``reset_state``."""
         if not self.net.recurrent:
             return self.q_values(obs)
-        self.net.train(self.noise)
+        self._mode()
         idx = torch.as_tensor(np.asarray(rows), device=self.device)
         state = tuple(s[idx] for s in self.state)
         out, _ = self.net.step(torch.as_tensor(obs, device=self.device), state)
@@ -99,7 +105,7 @@ class Policy:
     @torch.no_grad()
     def act(self, obs: np.ndarray, epsilon) -> tuple[np.ndarray, np.ndarray, tuple | None]:
         """Returns (actions (N,), q (N, A), state before acting or None)."""
-        self.net.train(self.noise)
+        self._mode()
         x = torch.as_tensor(obs, device=self.device)
         prev = None
         if self.net.recurrent:
