@@ -107,7 +107,10 @@ class Segment:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 os.ftruncate(fd, nbytes)  # a filesystem without fallocate
-            mm = mmap.mmap(fd, nbytes)
+            # MAP_POPULATE: map every (already allocated) page now, not on first touch; a replay
+            # writing fresh pages otherwise pays a fault per 4 KiB (Pong frames: 163 -> 32 us per
+            # 50-frame insert; ~0.4 s per GiB at creation)
+            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
             inode = os.fstat(fd).st_ino
         except BaseException:
             _unlink(path)
