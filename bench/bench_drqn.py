@@ -89,7 +89,7 @@ SETTINGS = {
                    "sequence replay (α 0.9, β 0.6, 5,000 sequences), burn-in 4 + 16 learning steps, period 8, stored "
                    "state, n = 5, batch 32 sequences, one update per 16 env steps (`train_every: 4` vector steps of "
                    "4 envs) = 32 replayed learning steps per env step, target period 200; ε 1 → 0.02 over 15k steps",
-    "ff_1frame": "configs/dqn_cartpole.yaml on the masked env: MLP 128-128, 3-step double DQN, uniform replay 50k, "
+    "ff_1frame": "configs/dqn_cartpole.yaml as of before e7e0915 on the masked env: MLP 128-128, 3-step double DQN, uniform replay 50k, "
                  "batch 64, one update per env step (64 replayed transitions per env step), target period 250; "
                  "ε 1 → 0.02 over 10k steps",
     "ff_4frames": "(b) with `env.frame_stack: 4`",

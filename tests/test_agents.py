@@ -78,6 +78,22 @@ def test_learner_update_and_target_sync():
         assert torch.equal(a, b)
 
 
+def test_adam_is_fused_where_torch_has_it_and_plain_otherwise(monkeypatch):
+    learner = Learner(_cfg(), (1, 4), np.float32, 2)
+    assert learner.optimizer.defaults["fused"] is True  # torch >= 2.4 on CPU
+    real = torch.optim.Adam
+
+    def old_torch_adam(params, fused=None, **kw):  # torch < 2.4: no fused kernel for the CPU
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", old_torch_adam)
+    learner = Learner(_cfg(), (1, 4), np.float32, 2)
+    assert not learner.optimizer.defaults.get("fused") and learner.optimizer.param_groups[0]["params"]
+    assert not learner.update(_batch(learner)).skipped
+
+
 def test_nonfinite_loss_skipped_then_fatal():
     learner = Learner(_cfg(), (1, 4), np.float32, 2)
     before = [p.clone() for p in learner.online.parameters()]

@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 from apex_local.config import TransportConfig
+from apex_local.transport.codec import ENVELOPE_OVERHEAD
 from apex_local.transport import (
     BatchReady, DecodeLimits, Info, InfoRequest, Insert, InsertSpec, PortInUseError, ProtocolError, RequestClient,
     SampleRequest, decode_frame, endpoints, make_socket, new_context, recv_message, send_message)
@@ -62,7 +63,7 @@ def test_socket_options(ctx):
     push, pull = make_socket(ctx, "push", t), make_socket(ctx, "pull", t)
     assert push.getsockopt(zmq.LINGER) == 0 and push.getsockopt(zmq.SNDHWM) == 7
     assert push.getsockopt(zmq.SNDTIMEO) == 123 and push.getsockopt(zmq.IMMEDIATE) == 1
-    assert pull.getsockopt(zmq.MAXMSGSIZE) == 4096 and pull.getsockopt(zmq.RCVHWM) == 7
+    assert pull.getsockopt(zmq.MAXMSGSIZE) == 4096 + ENVELOPE_OVERHEAD and pull.getsockopt(zmq.RCVHWM) == 7
     push.close()
     pull.close()
     with pytest.raises(ValueError, match="req"):

@@ -26,9 +26,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _fused_adam_ok(device: torch.device) -> bool:
-    """torch's fused Adam runs on CPU and CUDA (float parameters); elsewhere the default."""
-    return device.type in ("cpu", "cuda")
+def _adam(params, device: torch.device, **kw) -> torch.optim.Adam:
+    """Fused Adam on CPU / CUDA where this torch has it (CPU since 2.4), else the default one."""
+    params = list(params)
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(params, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):  # an older torch: no fused kernel for this device
+            pass
+    return torch.optim.Adam(params, **kw)
 
 
 @dataclass
@@ -58,8 +64,7 @@ class Learner:
         if lc.optimizer == "adam":
             # fused: one kernel for all parameters instead of ~10 ops per tensor; on a small net the
             # per-op overhead is the cost (CartPole MLP on CPU: 184 -> 57 us per step). Same update rule.
-            self.optimizer = torch.optim.Adam(self.online.parameters(), lr=lc.lr, eps=lc.adam_eps,
-                                              fused=_fused_adam_ok(self.device))
+            self.optimizer = _adam(self.online.parameters(), self.device, lr=lc.lr, eps=lc.adam_eps)
         else:
             self.optimizer = torch.optim.RMSprop(self.online.parameters(), lr=lc.lr, eps=lc.adam_eps,
                                                  alpha=0.95, centered=True)
@@ -98,8 +103,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.learner.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.learner.max_grad_norm,
-                                                  foreach=True)
+            norm = torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.learner.max_grad_norm)
         else:
             norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in self.online.parameters()
                                   if p.grad is not None))

@@ -163,7 +163,7 @@ class GorilaLearnerService(LearnerService):
         steps = self.local.env_steps - self.env_steps_reported if self.local is not None else 0
         msg = Gradients(sender=self.sender, weights_version=self.params_version, env_steps=steps,
                         batch_size=int(arrays["index"].shape[0]), grad=flat_gradients(self.learner.online))
-        if send_message(self.push, msg):  # zero-copy: flat_gradients returns fresh memory every time
+        if send_message(self.push, msg):  # (copied into the message's one frame)
             self.gradients_sent += 1
             self.env_steps_reported += steps
             self.rec.inc("apex_learner_gradients_sent_total")

@@ -57,7 +57,7 @@ def num_flat_gradients(net: nn.Module) -> int:
 @torch.no_grad()
 def flat_gradients(net: nn.Module) -> np.ndarray:
     """The ``.grad`` of every trainable parameter (zeros where None) as one NEW float32 array
-    (fresh memory: it may be handed to ZMQ zero-copy)."""
+    (fresh memory)."""
     parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in _trainable(net)]
     flat = torch.cat(parts) if parts else torch.zeros(0)
     return flat.cpu().numpy().copy() if flat.device.type != "cpu" else flat.numpy()

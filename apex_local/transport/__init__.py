@@ -2,7 +2,7 @@
 
 The only package that imports zmq. Modules:
 
-* `codec` / `protocol` / `insert_spec`: typed messages, msgpack header + raw array frames,
+* `codec` / `protocol` / `insert_spec`: typed messages, msgpack header + raw array parts in one ZMQ frame,
   validated on decode (`ProtocolError.reason` is a metrics label).
 * `shm`: /dev/shm segments (`Segment`, `allocator` for replay storage, free-space checks).
 * `rundir`: the run's 0700 ipc directory, pid files, and the janitor `clean`.

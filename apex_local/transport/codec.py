@@ -117,15 +117,18 @@ def as_buffer(frame: Any) -> memoryview:
 
 
 _MAGIC = b"APXM"
-_ENVELOPE = struct.Struct("<4sI")
 _ALIGN = 64
+# bytes a frame may carry beyond its arrays' ``max_message_bytes``: the header, the length
+# table and the padding of up to 1 + 32 parts (the sockets' MAXMSGSIZE adds this)
+ENVELOPE_OVERHEAD = MAX_HEADER_BYTES + 8 + 8 * 33 + _ALIGN * 34
+_ENVELOPE = struct.Struct("<4sI")
 
 
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def join_parts(parts: Sequence[Any]) -> bytearray:
+def join_parts(parts: Sequence[Any]) -> np.ndarray:
     """The one ZMQ frame that carries ``parts`` (header bytes, then arrays): the envelope in the
     module docstring. One copy of the arrays (the price of never sending a multipart message)."""
     views = [as_buffer(p) for p in parts]
@@ -134,12 +137,17 @@ def join_parts(parts: Sequence[Any]) -> bytearray:
     for v in views:
         offsets.append(end)
         end = _aligned(end + v.nbytes)
-    out = bytearray(offsets[-1] + views[-1].nbytes if views else head)
+    size = offsets[-1] + views[-1].nbytes if views else head
+    arr = np.empty(size, np.uint8)  # not zero-filled: every byte is written once below
+    out = memoryview(arr)
     _ENVELOPE.pack_into(out, 0, _MAGIC, len(views))
     struct.pack_into(f"<{len(views)}Q", out, _ENVELOPE.size, *(v.nbytes for v in views))
+    pos = head
     for off, v in zip(offsets, views):
+        arr[pos:off] = 0  # padding
         out[off:off + v.nbytes] = v
-    return out
+        pos = off + v.nbytes
+    return arr
 
 
 def split_frame(frame: Any, limits: "DecodeLimits") -> list[memoryview]:

@@ -67,7 +67,7 @@ class Message:
         return [pack_header(self.KIND, self.sender, self.weights_version, arrs, self.fields()),
                 *(a for _, a in arrs)]
 
-    def to_frame(self) -> bytearray:
+    def to_frame(self) -> np.ndarray:
         """The one ZMQ frame that carries this message (``codec.join_parts``)."""
         return join_parts(self.encode())
 

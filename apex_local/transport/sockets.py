@@ -14,7 +14,8 @@ Endpoints (`endpoints`)::
 Every socket has LINGER 0 (close never hangs), SNDHWM/RCVHWM = transport.send_hwm, and
 reconnects every 100 ms .. 2 s. Sending sockets get SNDTIMEO = transport.send_timeout_ms, so
 a blocked send returns (False) and the caller can check for a shutdown signal; receiving
-sockets get MAXMSGSIZE = transport.max_message_bytes (a bigger frame drops the peer's
+sockets get MAXMSGSIZE = transport.max_message_bytes + the envelope (header, part
+lengths, padding: ``codec.ENVELOPE_OVERHEAD``) (a bigger frame drops the peer's
 connection). PUSH sockets set IMMEDIATE (never queue into a connection that is not up);
 ROUTER sockets set ROUTER_MANDATORY, so a reply to a vanished requester fails (False) and
 the server can free what it reserved for it; SUB sockets CONFLATE (keep only the newest);
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 
 import zmq
 
-from apex_local.transport.codec import DecodeLimits, ProtocolError
+from apex_local.transport.codec import ENVELOPE_OVERHEAD, DecodeLimits, ProtocolError
 from apex_local.transport.curve import RunContext, curve_enabled, secure_socket
 from apex_local.transport.protocol import DEFAULT_LIMITS, Message, decode_frame
 from apex_local.transport.rundir import run_paths
@@ -94,8 +95,8 @@ def make_socket(ctx: zmq.Context, kind: str, transport: Any, *, bind: str | None
     """A socket of ``kind`` (push | pull | dealer | router | pub | sub) with the options in the
     module docstring, bound (via `bind_or_fail`) or connected when an endpoint is given; a
     CURVE server / client for a tcp endpoint when CURVE is configured (`curve.secure_socket`;
-    a bad key file raises `curve.CurveKeyError`, exit 2). ``max_message_bytes`` overrides
-    ``transport.max_message_bytes`` for a receiving socket."""
+    a bad key file raises `curve.CurveKeyError`, exit 2). ``max_message_bytes`` (a whole
+    frame's size) overrides ``transport.max_message_bytes`` (arrays) + envelope for a receiving socket."""
     if kind not in _TYPES:
         raise ValueError(f"socket kind {kind!r}; choose one of {', '.join(_TYPES)}")
     t = getattr(transport, "transport", transport)
@@ -108,7 +109,8 @@ def make_socket(ctx: zmq.Context, kind: str, transport: Any, *, bind: str | None
     if kind in _SENDING:
         sock.setsockopt(zmq.SNDTIMEO, t.send_timeout_ms)
     if kind in _RECEIVING:
-        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes or t.max_message_bytes)
+        # an override is a whole frame's size (the weights SUB); the default bounds a message's arrays
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes or t.max_message_bytes + ENVELOPE_OVERHEAD)
     if kind in ("pub", "sub"):
         sock.setsockopt(zmq.SNDHWM, _PUBSUB_HWM)
         sock.setsockopt(zmq.RCVHWM, _PUBSUB_HWM)
