@@ -107,6 +107,15 @@ def test_one_frame_round_trip_is_aligned_and_zero_copy(msg):
             assert np.array_equal(a, msg.arrays()[k]) and np.shares_memory(a, np.frombuffer(frame, np.uint8)), k
 
 
+def test_empty_arrays_travel():  # a chunk right after an actor re-routed may hold no frames
+    chunk = dict(transition_chunk(), frames=np.zeros((0, *FRAME), np.uint8), frame_stream=np.zeros(0, np.int32),
+                 frame_seq=np.zeros(0, np.int64))
+    out = decode_frame(bytes(Insert(sender="actor.0", chunk=chunk).to_frame()), LIMITS)
+    assert out.chunk["frames"].shape == (0, *FRAME) and out.chunk["frame_seq"].shape == (0,)
+    out = decode_frame(Gradients(grad=np.zeros((0,), np.float32)).to_frame(), LIMITS)
+    assert out.grad.shape == (0,)
+
+
 def test_envelope_by_hand():
     # 2 parts, 3 and 5 bytes: "APXM", u32 2, u64 3, u64 5 (24 bytes) -> part 0 at 64, part 1 at 128
     frame = bytes(join_parts([b"abc", b"defgh"]))

@@ -109,6 +109,8 @@ def as_buffer(frame: Any) -> memoryview:
     buf = getattr(frame, "buffer", None)  # zmq.Frame exposes its data as .buffer
     try:
         mv = memoryview(buf if buf is not None else frame)
+        if mv.nbytes == 0:  # e.g. a (0, 4) array: memoryview cannot cast a shape with zeros
+            return memoryview(b"")
         if mv.ndim != 1 or mv.format != "B":
             mv = mv.cast("B")
     except TypeError as exc:
