@@ -490,8 +490,12 @@ def test_r2d2_and_gorila_rows_return_data_from_a_real_prometheus(tmp_path):
                 port = int(group["targets"][0].rsplit(":", 1)[1])
                 assert _listening(port) == [f"127.0.0.1:{port}"], group
             for t in both:  # no counter (nor histogram count/sum/bucket) of either run went back, scrape to scrape
-                series = query(api, f'{{__name__=~"apex_.+_(total|count|sum|bucket)", run="{t.run_id}"}}[{RANGE}]')
-                assert sum(len(s["values"]) >= 5 for s in series) > 20, series[:2]  # (some appear late)
+                def counters(t=t):
+                    return query(api, f'{{__name__=~"apex_.+_(total|count|sum|bucket)", run="{t.run_id}"}}[{RANGE}]')
+
+                # more than 20 series with 5+ scrapes each (some appear late; on a loaded box, later still)
+                series = _wait(lambda: (got := counters()) and sum(len(s["values"]) >= 5 for s in got) > 20 and got,
+                               30, f"20+ counter series of the {t.cfg.run.method} run scraped 5 times", both)
                 for s in series:
                     v = [float(x) for _, x in s["values"]]
                     assert v == sorted(v), (t.cfg.run.method, s["metric"], v)
