@@ -501,8 +501,8 @@ def test_r2d2_and_gorila_rows_return_data_from_a_real_prometheus(tmp_path):
                     assert v == sorted(v), (t.cfg.run.method, s["metric"], v)
 
             g = f'run="{gorila.run_id}"'
-            applied = values(api, f"sum(rate(apex_paramserver_gradients_applied_total{{{g}}}[{RATE_WINDOW}]))")
-            assert applied[0] > 0
+            _wait(lambda: [v for v in values(api, f"sum(rate(apex_paramserver_gradients_applied_total{{{g}}}"
+                                                  f"[{RATE_WINDOW}]))") if v > 0], 30, "a parameter server applying", both)
             # each learner's own replay filled (an actor that started before learner 1's pid file existed feeds
             # learner 0 until its next route check, so learner 1's replay may start a scrape or two later)
             _wait(lambda: len(values(api, f"apex_learner_replay_size{{{g}}} > 0")) == 2, 30,
@@ -514,7 +514,8 @@ def test_r2d2_and_gorila_rows_return_data_from_a_real_prometheus(tmp_path):
 
             _wait(lambda: learners_sending() == {"0", "1"}, 30, "gradients from both Gorila learners scraped", both)
             assert learners_sending() == {"0", "1"}
-            (dq,) = values(api, f'apex_learner_q_discrepancy{{run="{r2d2.run_id}"}}')
+            (dq,) = _wait(lambda: values(api, f'apex_learner_q_discrepancy{{run="{r2d2.run_id}"}}'), 30,
+                          "the Q discrepancy scraped", both)
             assert math.isfinite(dq) and dq >= 0
 
             def top(t, *args):
