@@ -68,6 +68,26 @@ def test_sparse_updates_equal_bulk_rebuild():
     np.testing.assert_array_equal(big._tree, bulk._tree)
 
 
+@pytest.mark.parametrize("capacity", [1, 2, 5, 1000, 4096])
+def test_contiguous_range_updates_equal_the_general_path(capacity):
+    # a replay insert's slots are one ascending run: that path must give the same tree, bit for bit
+    rng = np.random.default_rng(capacity)
+    for cls, gen in ((SumTree, lambda n: rng.random(n)), (MinTree, lambda n: np.where(rng.random(n) < 0.9,
+                                                                                        rng.random(n), np.inf))):
+        fast, slow = cls(capacity), cls(capacity)
+        for start, n in [(0, 1), (0, min(3, capacity)), (capacity - 1, 1), (max(0, capacity - 50), min(50, capacity)),
+                         *((int(s), 50) for s in rng.integers(0, max(1, capacity - 50), 20))]:
+            n = min(n, capacity - start)
+            idx, vals = np.arange(start, start + n), gen(n)
+            fast.update(idx, vals)
+            order = rng.permutation(n)  # same writes, out of order: the general path
+            slow.update(idx[order], vals[order])
+            np.testing.assert_array_equal(fast._tree, slow._tree)
+        big = cls(capacity)
+        big.update(np.arange(capacity), fast.leaves)  # a range above N/8: the rebuild
+        np.testing.assert_array_equal(big._tree, fast._tree)
+
+
 def test_internal_nodes_capacity_5_by_hand():
     # leaves 1..5 at nodes 8..12, padding 13..15 = 0
     #   node 4 = 1+2 = 3, node 5 = 3+4 = 7, node 6 = 5+0 = 5, node 7 = 0

@@ -117,6 +117,9 @@ class _SegmentTree:
         if vals.shape != idx.shape:
             raise ValueError(f"{idx.size} indices but {vals.size} values")
         self._check_values(vals)
+        if idx.size > 1 and idx[-1] - idx[0] == idx.size - 1 and np.all(idx[1:] - idx[:-1] == 1):
+            self._update_range(int(idx[0]), vals)  # a replay insert's slots: one slice per level
+            return
         order = np.argsort(idx, kind="stable")
         ordered = idx[order]
         last = np.empty(ordered.size, dtype=bool)  # last occurrence of each index
@@ -132,6 +135,21 @@ class _SegmentTree:
             nodes = nodes >> 1  # repeats are harmless: the same value is written twice
             children = pairs.take(nodes, axis=0)  # row i of pairs = nodes 2i, 2i+1
             self._tree.put(nodes, op(children[:, 0], children[:, 1]))
+
+    def _update_range(self, start: int, vals: np.ndarray) -> None:
+        """Leaves ``start .. start + len(vals) - 1`` (consecutive, ascending) set to ``vals``; the
+        parents of a contiguous range are a contiguous range, so each level is one slice op
+        (bit-identical to the general path: the same children, the same order)."""
+        lo = start + self._first_leaf
+        hi = lo + vals.size - 1  # inclusive
+        tree, op = self._tree, self._op
+        tree[lo:hi + 1] = vals
+        if vals.size > max(64, self._first_leaf // 8):
+            self._rebuild()
+            return
+        for _ in range(self._depth):
+            lo, hi = lo >> 1, hi >> 1  # ufuncs buffer overlapping input / output (top levels)
+            op(tree[2 * lo:2 * hi + 2:2], tree[2 * lo + 1:2 * hi + 2:2], out=tree[lo:hi + 1])
 
     def _rebuild(self) -> None:
         """Recompute every parent from its children, one contiguous level at a time."""
