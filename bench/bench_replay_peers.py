@@ -357,7 +357,8 @@ def measure_server(capacity: int, cycles: int, seed: int = 0) -> dict:
                 while n < count:
                     chunk = src.next()
                     msg = Insert(sender="bench", actor_id=0, env_steps=len(chunk["action"]), chunk=chunk)
-                    while not send_message(push, msg):
+                    frame = msg.to_frame()
+                    while not send_message(push, frame):
                         if server.proc.poll() is not None:
                             raise RuntimeError(f"replay server exited: {topo.log('replay.0')[-2000:]}")
                     n += len(chunk["action"])

@@ -127,7 +127,7 @@ class _SegmentTree:
         np.not_equal(ordered[1:], ordered[:-1], out=last[:-1])
         nodes = ordered[last] + self._first_leaf  # sorted, unique
         self._tree.put(nodes, vals[order[last]])
-        if nodes.size > max(64, self._first_leaf // 8):
+        if self._rebuild_is_cheaper(nodes.size):
             self._rebuild()  # a large share of the leaves changed: O(N) contiguous beats B log N
             return
         pairs, op = self._pairs, self._op
@@ -144,12 +144,16 @@ class _SegmentTree:
         hi = lo + vals.size - 1  # inclusive
         tree, op = self._tree, self._op
         tree[lo:hi + 1] = vals
-        if vals.size > max(64, self._first_leaf // 8):
+        if self._rebuild_is_cheaper(vals.size):
             self._rebuild()
             return
         for _ in range(self._depth):
             lo, hi = lo >> 1, hi >> 1  # ufuncs buffer overlapping input / output (top levels)
             op(tree[2 * lo:2 * hi + 2:2], tree[2 * lo + 1:2 * hi + 2:2], out=tree[lo:hi + 1])
+
+    def _rebuild_is_cheaper(self, changed: int) -> bool:
+        """Above max(64, N/8) changed leaves one O(N) contiguous rebuild beats B log N updates."""
+        return changed > max(64, self._first_leaf // 8)
 
     def _rebuild(self) -> None:
         """Recompute every parent from its children, one contiguous level at a time."""

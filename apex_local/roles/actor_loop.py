@@ -169,7 +169,8 @@ class ActorService:
                      env_steps=self.unreported_steps, episode_returns=self.pending_returns[:256],
                      episode_lengths=self.pending_lengths[:256], chunk=chunk)
         t0 = time.monotonic()
-        while not send_message(self.push, msg):  # SNDTIMEO expired: replay slow or gone
+        frame = msg.to_frame()  # encoded once: a send that times out is retried with the same frame
+        while not send_message(self.push, frame):  # SNDTIMEO expired: replay slow or gone
             now = time.monotonic()  # count blocked time as it accrues, so a stall shows while it lasts
             self.blocked_seconds += now - t0
             self.rec.inc("apex_actor_send_blocked_seconds_total", now - t0)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import zmq
 
 from apex_local.transport.codec import DecodeLimits, ProtocolError
-from apex_local.transport.protocol import DEFAULT_LIMITS, Message, decode_frame
+from apex_local.transport.protocol import DEFAULT_LIMITS, Message, decode_received
 from apex_local.transport.sockets import make_socket, send_message
 
 __all__ = ["RequestClient"]
@@ -106,9 +106,7 @@ class RequestClient:
             except zmq.Again:
                 return
             try:
-                if len(frames) != 1:
-                    raise ProtocolError("frame_count", f"a message is one ZMQ frame, got {len(frames)}")
-                msg = decode_frame(frames[0], self.limits)
+                msg = decode_received(frames, self.limits)
             except ProtocolError:
                 self.stats["rejected"] += 1
                 continue

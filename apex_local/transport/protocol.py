@@ -38,7 +38,7 @@ from apex_local.transport.codec import (
 from apex_local.transport.insert_spec import InsertSpec
 
 __all__ = ["Message", "Insert", "SampleRequest", "BatchReady", "PriorityUpdate", "Gradients", "InfoRequest", "Info",
-           "Heartbeat", "Error", "KINDS", "decode", "decode_frame", "DEFAULT_LIMITS", "InsertSpec"]
+           "Heartbeat", "Error", "KINDS", "decode", "decode_frame", "decode_received", "DEFAULT_LIMITS", "InsertSpec"]
 
 DEFAULT_LIMITS = DecodeLimits()
 _I64 = ("<i8",)
@@ -301,6 +301,15 @@ KINDS: dict[str, type[Message]] = {c.KIND: c for c in (
 def decode_frame(frame: Any, limits: DecodeLimits = DEFAULT_LIMITS) -> Message:
     """Validate and decode the one ZMQ frame of a message (`Message.to_frame`)."""
     return decode(split_frame(frame, limits), limits)
+
+
+def decode_received(frames: Sequence[Any], limits: DecodeLimits = DEFAULT_LIMITS) -> Message:
+    """`decode_frame` of what ``recv_multipart`` returned (identity already removed): a message
+    is exactly one frame; more is a protocol-1 (multipart) peer, 'frame_count'."""
+    if len(frames) != 1:
+        raise ProtocolError("frame_count", f"a message is one ZMQ frame, got {len(frames)} "
+                                           "(a peer speaking an older protocol version?)")
+    return decode_frame(frames[0], limits)
 
 
 def decode(parts: Sequence[Any], limits: DecodeLimits = DEFAULT_LIMITS) -> Message:

@@ -34,11 +34,12 @@ import os
 import socket as pysocket
 from typing import Any, Sequence
 
+import numpy as np
 import zmq
 
 from apex_local.transport.codec import ENVELOPE_OVERHEAD, DecodeLimits, ProtocolError
 from apex_local.transport.curve import RunContext, curve_enabled, secure_socket
-from apex_local.transport.protocol import DEFAULT_LIMITS, Message, decode_frame
+from apex_local.transport.protocol import DEFAULT_LIMITS, Message, decode_received
 from apex_local.transport.rundir import run_paths
 
 __all__ = ["ROLE_PORT_OFFSETS", "TransportError", "PortInUseError", "new_context", "endpoints", "make_socket",
@@ -170,14 +171,16 @@ def bind_or_fail(sock: zmq.Socket, endpoint: str) -> None:
         raise TransportError(f"cannot bind {endpoint}: {exc}") from None
 
 
-def send_message(sock: zmq.Socket, msg: Message, *, identity: bytes | None = None, block: bool = True) -> bool:
+def send_message(sock: zmq.Socket, msg: Message | np.ndarray, *, identity: bytes | None = None,
+                 block: bool = True) -> bool:
     """Send ``msg``. False when the send timed out (SNDTIMEO), would block (``block=False``),
     or the ROUTER peer ``identity`` is gone.
 
     The message travels as one frame (`Message.to_frame`, one copy of its arrays): a multipart
-    message can abort the process in libzmq when its peer goes away mid-send (codec.py).
+    message can abort the process in libzmq when its peer goes away mid-send (codec.py). A
+    caller that may resend (a send that timed out) passes ``msg.to_frame()`` once instead.
     """
-    frame = msg.to_frame()
+    frame = msg.to_frame() if isinstance(msg, Message) else msg
     flags = 0 if block else zmq.NOBLOCK
     try:
         if identity is not None:  # ROUTER: the identity frame only picks the peer; one frame goes out
@@ -218,10 +221,7 @@ def recv_message(sock: zmq.Socket, limits: DecodeLimits = DEFAULT_LIMITS, *, tim
     if router:
         identity, frames = frames[0].bytes, frames[1:]
     try:
-        if len(frames) != 1:
-            raise ProtocolError("frame_count", f"a message is one ZMQ frame, got {len(frames)} "
-                                               "(a peer speaking an older protocol version?)")
-        return identity, decode_frame(frames[0], limits)
+        return identity, decode_received(frames, limits)
     except ProtocolError as exc:
         exc.identity = identity
         raise
