@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-__all__ = ["Allocator", "ChunkError", "FrameStore", "default_allocator", "layout_nbytes"]
+__all__ = ["Allocator", "ChunkError", "FrameStore", "MergedParts", "default_allocator", "layout_nbytes"]
 
 Allocator = Callable[[str, tuple, np.dtype], np.ndarray]
 Layout = list[tuple[str, tuple, np.dtype]]
@@ -62,7 +62,17 @@ class FramePlan:
     drop: np.ndarray  # (B,) bool: items referencing frames the replay lost (a gap); not stored
 
 
+@dataclass(frozen=True)
+class MergedParts:
+    """Who sent what, for several chunks merged into one (``Replay.insert_many``)."""
+
+    frame_actor: np.ndarray  # (F,) actor of each frame
+    item_actor: np.ndarray  # (B,) actor of each item
+    item_frames_end: np.ndarray  # (B,) frames of the merged chunk up to the end of the item's own chunk
+
+
 _SEQ_LIMIT = 1 << 40  # seqs are < 2^40 so (stream index, seq) packs into one int64 key
+_STREAM_LIMIT = 1 << 31  # merged chunks: (actor, stream) packs into one int64 as actor << 31 | stream
 
 
 class FrameStore:
@@ -103,10 +113,16 @@ class FrameStore:
         return len(self._rows)
 
     # ------------------------------------------------------------------ insert
-    def prepare(self, actor_id: int, frame_stream: np.ndarray, frame_seq: np.ndarray,
-                item_stream: np.ndarray, refs: list[tuple[str, np.ndarray]]) -> FramePlan:
+    def prepare(self, actor_id: int | MergedParts, frame_stream: np.ndarray,
+                frame_seq: np.ndarray, item_stream: np.ndarray, refs: list[tuple[str, np.ndarray]]) -> FramePlan:
         """Resolve each ``refs`` array (B, L) of seqs (-1 = padding) of items of ``item_stream``
         to gids, as if the chunk's frames (``frame_stream``, ``frame_seq``) were written first.
+
+        ``actor_id``: the sending actor, or for several chunks merged into one (the replay's
+        batched insert) a ``MergedParts``: a stream is then (actor, stream) per frame / item
+        (streams < 2**31), an item may only use frames of its own or an earlier chunk, and a
+        reference into a gap raises ChunkError instead of dropping the item (where the gap
+        lies depends on the chunk boundaries: the caller retries the chunks one by one).
 
         Raises ChunkError (nothing changed) for non-increasing seqs within a stream, or a
         reference to a seq the store does not hold after this chunk (never sent, outside the
@@ -127,8 +143,17 @@ class FrameStore:
                 raise ChunkError(f"{name}: seqs must be < 2**40, got {a.max()}")
         gid = self.written + np.arange(n_new, dtype=np.int64)
         held_from = self.written + n_new - self.capacity  # gids below this are gone after commit
-        streams, inv = np.unique(np.concatenate([frame_stream, item_stream]), return_inverse=True)
-        keys = [(int(actor_id), s) for s in streams.tolist()]
+        merged = actor_id if isinstance(actor_id, MergedParts) else None
+        if merged is not None:  # key = actor << 31 | stream
+            both = np.concatenate([frame_stream, item_stream]).astype(np.int64, copy=False)
+            if both.size and both.max() >= _STREAM_LIMIT:
+                raise ChunkError(f"stream: merged chunks need streams < 2**31, got {both.max()}")
+            codes = (np.concatenate([merged.frame_actor, merged.item_actor]).astype(np.int64, copy=False) << 31) | both
+            streams, inv = np.unique(codes, return_inverse=True)
+            keys = [(c >> 31, c & (_STREAM_LIMIT - 1)) for c in streams.tolist()]
+        else:
+            streams, inv = np.unique(np.concatenate([frame_stream, item_stream]), return_inverse=True)
+            keys = [(int(actor_id), s) for s in streams.tolist()]
         rows = np.array([self._rows.get(k, -1) for k in keys], np.int64)
         f_loc, i_loc = inv[:n_new], inv[n_new:]
         # chunk frames sorted by (stream, seq); the stable sort keeps chunk order within a stream
@@ -167,6 +192,9 @@ class FrameStore:
                 qkey = loc * _SEQ_LIMIT + seq
                 pos = np.minimum(np.searchsorted(skey, qkey), n_new - 1)
                 found = skey[pos] == qkey
+                if merged is not None:  # not a frame that only a later chunk of the merge brings
+                    end = np.broadcast_to(merged.item_frames_end[:, None], r.shape)[real]
+                    found &= sgid[pos] < self.written + end
                 got[found] = sgid[pos[found]]
             miss = np.flatnonzero(~found & window_ok[loc])
             if miss.size:
@@ -178,6 +206,8 @@ class FrameStore:
                 found[miss[ok]] = True
             lost = ~found & (seq > gap_lo[loc]) & (seq < gap_hi[loc])
             if lost.any():
+                if merged is not None:
+                    raise ChunkError(f"{name}: merged chunks reference a gap (insert them one by one)")
                 item = np.broadcast_to(np.arange(n_items)[:, None], r.shape)[real]
                 drop[item[lost]] = True
                 found |= lost
@@ -192,15 +222,21 @@ class FrameStore:
             out.append(gids)
         return FramePlan(gid, keys, rows, restarted, f_loc, out, drop)
 
-    def commit(self, plan: FramePlan, frame_seq: np.ndarray, frames: np.ndarray) -> None:
-        """Write the chunk's frames and register their seqs (after ``prepare`` succeeded)."""
+    def commit(self, plan: FramePlan, frame_seq: np.ndarray, frames: np.ndarray | list[np.ndarray]) -> None:
+        """Write the chunk's frames and register their seqs (after ``prepare`` succeeded).
+
+        ``frames``: one array, or the frames of merged chunks as a list of arrays in order
+        (written part by part: no concatenated copy)."""
         n_new = plan.gid.size
         if n_new == 0:
             return
-        start = self.written % self.capacity
-        first = min(n_new, self.capacity - start)  # contiguous copies, wrapping once
-        self.frames[start:start + first] = frames[:first]
-        self.frames[:n_new - first] = frames[first:]
+        pos = self.written % self.capacity
+        for part in (frames if isinstance(frames, list) else [frames]):
+            m = part.shape[0]
+            first = min(m, self.capacity - pos)  # contiguous copies, wrapping once
+            self.frames[pos:pos + first] = part[:first]
+            self.frames[:m - first] = part[first:]
+            pos = (pos + m) % self.capacity
         rows = plan.rows.copy()
         for j in np.flatnonzero(rows < 0):
             rows[j] = self._add_row(plan.keys[j])

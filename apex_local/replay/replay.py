@@ -14,11 +14,11 @@ items that became invalid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from apex_local.replay.frames import Allocator, Layout, layout_nbytes
+from apex_local.replay.frames import Allocator, ChunkError, Layout, layout_nbytes
 from apex_local.replay.rate_limiter import RateLimiter
 from apex_local.replay.samplers import PrioritizedSampler, UniformSampler, make_sampler
 from apex_local.replay.tables import SequenceTable, TransitionTable
@@ -26,8 +26,20 @@ from apex_local.replay.tables import SequenceTable, TransitionTable
 if TYPE_CHECKING:  # pragma: no cover
     from apex_local.config import Config
 
-__all__ = ["RateLimitedError", "Replay", "SampleResult", "make_replay", "make_table", "replay_layout",
+# Replay.insert_many merges consecutive chunks up to this many frames (8 Ape-X chunks of 50
+# transitions; the per-chunk cost is flat from about 8 chunks on)
+INSERT_GROUP_FRAMES = 512
+
+__all__ = ["INSERT_GROUP_FRAMES", "RateLimitedError", "Replay", "SampleResult", "make_replay", "make_table", "replay_layout",
            "replay_nbytes"]
+
+
+def _sizes(chunk) -> tuple[int, int, bool] | None:
+    """(frames, items, has priority) of a chunk, or None when it is not shaped like one."""
+    try:
+        return len(chunk["frames"]), len(chunk["stream"]), "priority" in chunk
+    except (TypeError, KeyError, IndexError):
+        return None
 
 
 class RateLimitedError(RuntimeError):
@@ -84,11 +96,64 @@ class Replay:
         slots they overwrite lose their old priority. Admitted whole when ``can_insert()``."""
         if not self.can_insert():
             raise RateLimitedError("insert refused by the rate limiter (samples are behind); check can_insert()")
+        return self._store([(actor_id, chunk)])
+
+    def insert_many(self, parts: Sequence[tuple[int, Mapping]]) -> list[int | ChunkError]:
+        """``insert`` of each (actor_id, chunk) in order, with the validation and writes of
+        consecutive chunks done together (``TransitionTable.insert_chunks``): one chunk of 50
+        Atari transitions costs ~0.3 ms alone, and a fraction of that in a group of 8.
+
+        Returns, per part, its stored item count or the ChunkError that refused it (nothing of
+        it stored; the other parts are unaffected). A group the table refuses is retried part
+        by part, so the outcome per part is that of ``insert`` one after the other. Groups
+        stay within ``INSERT_GROUP_FRAMES`` frames (and the stream window, the frame ring and
+        the table), so that merging cannot resolve a frame the parts one by one could not.
+        Admitted whole when ``can_insert()`` (the caller sizes ``parts`` to its limiter)."""
+        if not self.can_insert():
+            raise RateLimitedError("insert refused by the rate limiter (samples are behind); check can_insert()")
+        out: list[int | ChunkError] = []
+        store = self.table.frame_store
+        max_frames = min(INSERT_GROUP_FRAMES, store.window, store.capacity)
+        group: list[tuple[int, Mapping]] = []
+        frames = items = 0
+        key = None
+        for part in parts:
+            size = _sizes(part[1])
+            if size is None or (group and (frames + size[0] > max_frames or items + size[1] > self.capacity
+                                           or size[2] != key)):
+                out.extend(self._store_group(group))
+                group, frames, items = [], 0, 0
+            if size is None:  # not even shaped like a chunk: let insert_chunk name the problem
+                out.extend(self._store_group([part]))
+                continue
+            group.append(part)
+            frames, items, key = frames + size[0], items + size[1], size[2]
+        out.extend(self._store_group(group))
+        return out
+
+    def _store_group(self, group: list) -> list[int | ChunkError]:
+        if not group:
+            return []
+        try:
+            n = self._store(group)
+        except ChunkError as exc:
+            if len(group) == 1:
+                return [exc]
+            return [r for part in group for r in self._store_group([part])]
+        if len(group) == 1:
+            return [n]
+        sizes = [len(np.asarray(c["stream"])) for _, c in group]
+        kept = self.table.last_kept
+        if kept is None:
+            return sizes
+        return [int(k.sum()) for k in np.split(kept, np.cumsum(sizes)[:-1])]
+
+    def _store(self, parts: list) -> int:
         before = self.table.size
-        slots = self.table.insert_chunk(actor_id, chunk)
+        slots = self.table.insert_chunks(parts)
         n = int(slots.size)
         if n:
-            priority = chunk.get("priority")
+            priority = self.table.last_priority
             if priority is not None and self.table.last_kept is not None:
                 priority = np.asarray(priority)[self.table.last_kept]
             self.sampler.add(slots, priority)

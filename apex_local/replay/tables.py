@@ -15,11 +15,11 @@ Bytes per transition with k-frame stacks: frames ~ frame_bytes * (1 + margin) pl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from apex_local.replay.frames import (Allocator, ChunkError, FrameStore, Layout, default_allocator,
+from apex_local.replay.frames import (Allocator, ChunkError, FrameStore, Layout, MergedParts, default_allocator,
                                       layout_nbytes)
 
 __all__ = ["ChunkError", "SequenceTable", "TransitionTable", "default_frame_capacity"]
@@ -80,6 +80,7 @@ class _ItemTable:
         self.size = 0
         self.gap_items = 0  # items skipped because they referenced frames the replay lost
         self.last_kept = None  # (B,) mask of the last chunk's stored items; None = all
+        self.last_priority = None  # (B,) the last insert's priorities (all its items), if it had them
 
     @staticmethod
     def _item_layout(capacity: int, columns: list[Column]) -> Layout:
@@ -115,28 +116,70 @@ class _ItemTable:
         (``priority`` is checked, then used by the sampler). Items that reference frames the
         replay lost (see ``FrameStore.prepare``) are skipped: ``last_kept`` is then the (B,)
         mask of the items stored (None when all were), and ``gap_items`` counts the skipped."""
-        if not isinstance(chunk, Mapping):
-            raise ChunkError(f"chunk: expected a mapping of arrays, got {type(chunk).__name__}")
-        frames = _field(chunk, "frames", None, "")
-        if frames.dtype != self.frame_dtype or frames.ndim != 1 + len(self.frame_shape) \
-                or frames.shape[1:] != self.frame_shape:
-            raise ChunkError(f"frames: expected {self.frame_dtype} (F, {', '.join(map(str, self.frame_shape))}),"
-                             f" got {frames.dtype} {frames.shape}")
-        n_frames = frames.shape[0]
-        frame_stream = _checked(_field(chunk, "frame_stream", (n_frames,), _INT), "frame_stream", "stream")
-        frame_seq = _checked(_field(chunk, "frame_seq", (n_frames,), _INT), "frame_seq", "seq")
-        stream = np.asarray(chunk.get("stream", np.zeros(0, np.int32)))
-        b = stream.shape[0] if stream.ndim == 1 else -1
-        stream = _checked(_field(chunk, "stream", (b,), _INT), "stream", "stream")
+        return self.insert_chunks([(actor_id, chunk)])
+
+    def insert_chunks(self, parts: Sequence[tuple[int, Mapping]]) -> np.ndarray:
+        """``insert_chunk`` for several (actor_id, chunk) at once, as ONE chunk: validated and
+        written with one set of array operations (the per-chunk cost of a small insert is
+        mostly per-call overhead). Slots and ``last_kept`` cover the concatenated items.
+
+        All or nothing: a ChunkError stores nothing and, for more than one part, does not say
+        which part is bad. When every part would be accepted by ``insert_chunk`` in order, the
+        result is the same, except that a group can be refused where the parts one by one are
+        not (e.g. a stream that restarts between two parts); ``Replay.insert_many`` then
+        retries them one by one. Parts must all carry ``priority`` or all not."""
+        if not parts:
+            raise ChunkError("insert_chunks: no chunks")
+        frame_parts, cols, n_frames, b = [], {}, 0, 0
+        with_priority = None
+        actors_f, actors_i, ends = [], [], []
+        for actor_id, chunk in parts:
+            if not isinstance(chunk, Mapping):
+                raise ChunkError(f"chunk: expected a mapping of arrays, got {type(chunk).__name__}")
+            frames = _field(chunk, "frames", None, "")
+            if frames.dtype != self.frame_dtype or frames.ndim != 1 + len(self.frame_shape) \
+                    or frames.shape[1:] != self.frame_shape:
+                raise ChunkError(f"frames: expected {self.frame_dtype} (F, {', '.join(map(str, self.frame_shape))}),"
+                                 f" got {frames.dtype} {frames.shape}")
+            f_i = frames.shape[0]
+            stream = np.asarray(chunk.get("stream", np.zeros(0, np.int32)))
+            b_i = stream.shape[0] if stream.ndim == 1 else -1
+            got = {"frame_stream": _field(chunk, "frame_stream", (f_i,), _INT),
+                   "frame_seq": _field(chunk, "frame_seq", (f_i,), _INT),
+                   "stream": _field(chunk, "stream", (b_i,), _INT)}
+            for c in self._columns:
+                got[c.name] = _field(chunk, c.name, (b_i, *c.tail), c.kinds)
+            has_p = "priority" in chunk
+            if with_priority is None:
+                with_priority = has_p
+            elif has_p != with_priority:
+                raise ChunkError("priority: merged chunks must all carry priorities or all not")
+            if has_p:
+                got["priority"] = _field(chunk, "priority", (b_i,), _FLOAT)
+            for key, a in got.items():
+                cols.setdefault(key, []).append(a)
+            frame_parts.append(frames)
+            n_frames += f_i
+            b += b_i
+            if len(parts) > 1:
+                actors_f.append(np.full(f_i, int(actor_id), np.int64))
+                actors_i.append(np.full(b_i, int(actor_id), np.int64))
+                ends.append(np.full(b_i, n_frames, np.int64))
+        merged = {key: (v[0] if len(v) == 1 else np.concatenate(v)) for key, v in cols.items()}
+        frame_stream = _checked(merged["frame_stream"], "frame_stream", "stream")
+        frame_seq = _checked(merged["frame_seq"], "frame_seq", "seq")
+        stream = _checked(merged["stream"], "stream", "stream")
         if b > self.capacity:
             raise ChunkError(f"stream: {b} items exceed the table capacity {self.capacity}")
-        values = {c.name: self._checked(c, _field(chunk, c.name, (b, *c.tail), c.kinds)) for c in self._columns}
-        if "priority" in chunk:
-            _checked(_field(chunk, "priority", (b,), _FLOAT), "priority", "priority")
+        values = {c.name: self._checked(c, merged[c.name]) for c in self._columns}
+        if with_priority:
+            _checked(merged["priority"], "priority", "priority")
         refs = [(c.name, values[c.name]) for c in self._columns if c.batch_key is not None]
-        plan = self.frame_store.prepare(actor_id, frame_stream, frame_seq, stream, refs)
+        actor = parts[0][0] if len(parts) == 1 else MergedParts(np.concatenate(actors_f), np.concatenate(actors_i),
+                                                                np.concatenate(ends))
+        plan = self.frame_store.prepare(actor, frame_stream, frame_seq, stream, refs)
         # ---- nothing has been written so far; from here on nothing can fail
-        self.frame_store.commit(plan, frame_seq, frames)
+        self.frame_store.commit(plan, frame_seq, frame_parts if len(frame_parts) > 1 else frame_parts[0])
         for (name, _), gids in zip(refs, plan.refs):
             values[name] = gids
         self.last_kept = None  # items of a gap (frames the replay lost) are not stored
@@ -151,6 +194,7 @@ class _ItemTable:
         self.generation[slots] += 1
         self.cursor += b
         self.size = min(self.capacity, self.size + b)
+        self.last_priority = merged.get("priority") if with_priority else None
         return slots
 
     def _checked(self, c: Column, a: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ from apex_local.transport import (BatchReady, BatchSlots, DecodeLimits, Error, H
 from apex_local.transport.codec import REASONS
 
 MAX_MESSAGES_PER_TICK = 64
+INSERT_GROUP = 8  # insert messages stored together (Replay.insert_many) when that many are queued
 
 
 def insert_spec(cfg: Config, spec) -> InsertSpec:
@@ -40,28 +41,46 @@ def insert_spec(cfg: Config, spec) -> InsertSpec:
     return InsertSpec.from_env(spec)
 
 
-def drain_inserts(pull, limits: DecodeLimits, replay, reject):
+def drain_inserts(pull, limits: DecodeLimits, replay, reject, group: int = INSERT_GROUP):
     """Actors' messages into ``replay``: up to MAX_MESSAGES_PER_TICK, while its rate limiter
     admits inserts. Yields (Insert, items stored) per stored message; a message that fails
     decoding (``limits``) or the table's chunk checks goes to ``reject(reason, detail)`` and
-    stores nothing. Shared by the replay server and a Gorila learner's local replay."""
+    stores nothing. Shared by the replay server and a Gorila learner's local replay.
+
+    Messages already queued are stored ``group`` at a time (``Replay.insert_many``: the same
+    outcome per message as one by one, at a fraction of the cost); the limiter is asked before
+    each read for the items read but not yet stored plus one, as it is asked for one before
+    each message when they are stored one by one."""
+    batch: list = []
+    pending = 0
     for _ in range(MAX_MESSAGES_PER_TICK):
-        if not replay.can_insert():
-            return
+        if not replay.can_insert(pending + 1):
+            break
         try:
             got = recv_message(pull, limits)
         except ProtocolError as exc:
             reject(exc.reason, exc.detail)
             continue
         if got is None:
-            return
+            break
         msg = got[1]
-        try:
-            n = replay.insert(msg.actor_id, msg.chunk)
-        except ChunkError as exc:
-            reject("bad_chunk", str(exc))
-            continue
-        yield msg, n
+        batch.append(msg)
+        pending += len(msg.chunk["stream"])
+        if len(batch) >= group:
+            yield from _store_batch(replay, batch, reject)
+            batch, pending = [], 0
+    yield from _store_batch(replay, batch, reject)
+
+
+def _store_batch(replay, batch: list, reject):
+    if not batch:
+        return
+    results = replay.insert_many([(m.actor_id, m.chunk) for m in batch])
+    for msg, n in zip(batch, results):
+        if isinstance(n, ChunkError):
+            reject("bad_chunk", str(n))
+        else:
+            yield msg, n
 
 
 class ReplayServer:
