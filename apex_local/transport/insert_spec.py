@@ -16,6 +16,7 @@ Sequences (R2D2, ``unroll_length == T == burn_in + sequence_length``)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import numpy as np
@@ -64,7 +65,16 @@ class InsertSpec:
     def recurrent(self) -> bool:
         return self.unroll_length > 0
 
-    def array_specs(self) -> dict[str, ArraySpec]:
+    def array_specs(self) -> Mapping[str, ArraySpec]:
+        """name -> ArraySpec of every array an insert may carry (built once per spec: the
+        replay server asks twice per message)."""
+        cached = self.__dict__.get("_array_specs")
+        if cached is None:
+            cached = self._build_array_specs()
+            object.__setattr__(self, "_array_specs", cached)
+        return MappingProxyType(cached)
+
+    def _build_array_specs(self) -> dict[str, ArraySpec]:
         specs = {"frames": ArraySpec((self.frame_dtype,)), "frame_stream": ArraySpec(_I32),
                  "frame_seq": ArraySpec(_I64), "stream": ArraySpec(_I32), "obs_seq": ArraySpec(_I64),
                  "action": ArraySpec(_I64), "reward": ArraySpec(_F32), "discount": ArraySpec(_F32),
