@@ -56,6 +56,13 @@ def epsilon_greedy(q: Union[torch.Tensor, np.ndarray], eps: Union[float, np.ndar
     eps_arr = np.broadcast_to(np.asarray(eps, dtype=np.float64), (batch,))
     if not np.any(eps_arr > 0):
         return actions
-    explore = rng.random(batch) < eps_arr
-    random_actions = rng.integers(0, num_actions, size=batch, dtype=np.int64)
+    explore, random_actions = draw_exploration(batch, eps_arr, num_actions, rng)
     return np.where(explore, random_actions, actions)
+
+
+def draw_exploration(batch: int, eps, num_actions: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The random draws of ``epsilon_greedy`` (eps > 0 somewhere): (explore (B,) bool, random
+    actions (B,) int64), in its order, so a caller that needs no Q-values when every env
+    explores can skip the network and still act exactly as ``epsilon_greedy`` would."""
+    explore = rng.random(batch) < eps
+    return explore, rng.integers(0, num_actions, size=batch, dtype=np.int64)

@@ -151,6 +151,33 @@ def test_policy_epsilon_per_env_and_recurrent_state_reset():
     assert torch.count_nonzero(pol.state[0][0]) == 0 and torch.count_nonzero(pol.state[0][1]) > 0
 
 
+@pytest.mark.parametrize("eps", [1.0, 0.7, 0.2, 0.0])
+def test_policy_without_q_acts_exactly_as_with_q_and_skips_the_net_when_all_explore(eps):
+    """need_q=False (single-process trainer): the same actions, step by step, as the q path;
+    the network runs only on steps where some env acts greedily."""
+    learner = Learner(_cfg(), (1, 4), np.float32, 3)
+    with_q, without = (Policy(learner.online, num_envs=4, seed=7, noise=False) for _ in range(2))
+    calls = []
+    hook = learner.online.register_forward_hook(lambda *_: calls.append(1))
+    obs_rng = np.random.default_rng(0)
+    skipped = 0
+    for _ in range(60):
+        obs = obs_rng.normal(size=(4, 1, 4)).astype(np.float32)
+        a, q, _ = with_q.act(obs, eps)
+        n = len(calls)
+        b, q2, _ = without.act(obs, eps, need_q=False)
+        np.testing.assert_array_equal(a, b)
+        assert q.shape == (4, 3) and (q2 is None or np.array_equal(q2, q))
+        skipped += len(calls) == n
+    hook.remove()
+    if eps == 1.0:
+        assert skipped == 60  # every env explores on every step: never a forward pass
+    elif eps == 0.0:
+        assert skipped == 0
+    else:
+        assert 0 <= skipped < 60
+
+
 def test_bootstrap_q_does_not_advance_recurrent_state():
     learner = Learner(_cfg(**{"network.lstm_size": 8}), (1, 4), np.float32, 2)
     pol = Policy(learner.online, num_envs=3, seed=0, noise=False)
@@ -173,3 +200,27 @@ def test_cli_eval_missing_checkpoint_exits_2_without_traceback():
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no checkpoint at /nonexistent/run" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_status_line_formats_its_extra_only_when_it_prints():
+    import io
+
+    from apex_local.agents.local import StatusLine
+
+    out, calls = io.StringIO(), []
+
+    def extra():
+        calls.append(1)
+        return "replay=7 eps=0.500"
+
+    quiet = StatusLine(0, out)
+    quiet.maybe(10, 1, extra)
+    assert calls == [] and out.getvalue() == ""  # every <= 0: never printed, never formatted
+    quiet.maybe(10, 1, extra, force=True)
+    assert calls == [1] and "steps=10" in out.getvalue() and "replay=7 eps=0.500" in out.getvalue()
+    hourly = StatusLine(3600, out)
+    hourly.maybe(20, 2, extra)
+    assert calls == [1]  # not yet due
+    hourly.t_last -= 3601
+    hourly.maybe(30, 3, "plain text")
+    assert "steps=30" in out.getvalue() and "plain text" in out.getvalue()

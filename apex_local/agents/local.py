@@ -21,7 +21,7 @@ from apex_local.envs import make_vector_env
 from apex_local.errors import NonFiniteLossError
 from apex_local.losses import DISCREPANCY_EVERY, q_value_discrepancy
 from apex_local.metrics import Recorder
-from apex_local.replay.samplers import beta_schedule
+from apex_local.replay.samplers import UniformSampler, beta_schedule
 
 EvalHook = Callable[[int, float, list], None]
 # flush the accumulator into the replay every this many vector steps: one insert of 4 steps costs
@@ -37,10 +37,15 @@ class StatusLine:
         self.t0 = self.t_last = time.monotonic()
         self.steps_last = self.updates_last = 0
 
-    def maybe(self, steps: int, updates: int, extra: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and (self.every <= 0 or now - self.t_last < self.every):
+    def maybe(self, steps: int, updates: int, extra: str | Callable[[], str], force: bool = False) -> None:
+        """Print when ``every`` seconds have passed (or ``force``); ``extra`` may be a callable,
+        formatted only then (the local trainer calls this every env step)."""
+        if not force and self.every <= 0:
             return
+        now = time.monotonic()
+        if not force and now - self.t_last < self.every:
+            return
+        extra = extra() if callable(extra) else extra
         dt = max(now - self.t_last, 1e-9)
         print(f"[{self.prefix}] t={now - self.t0:6.0f}s steps={steps} ({(steps - self.steps_last) / dt:.0f}/s) "
               f"updates={updates} ({(updates - self.updates_last) / dt:.0f}/s) {extra}", file=self.out, flush=True)
@@ -78,6 +83,7 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
     interrupted = False
     next_eval = eval_every_steps if eval_every_steps > 0 else None
     recurrent = bool(getattr(learner.online, "recurrent", False))
+    prioritized = not isinstance(replay.sampler, UniformSampler)
     discrepancy: list[dict] = []  # R2D2 §3 Q-value discrepancy every DISCREPANCY_EVERY updates (recurrent nets)
 
     obs = venv.reset(seed=cfg.run.seed)
@@ -85,7 +91,7 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
     try:
         while env_steps < cfg.run.max_env_steps:
             eps = eps_of(env_steps)
-            actions, q, state = policy.act(obs, eps)
+            actions, _, state = policy.act(obs, eps, need_q=False)  # uniform/max priorities: no actor q
             obs, reward, term, trunc, info = venv.step(actions)
             acc.step(actions, reward, term, trunc, obs, info["final_obs"],
                      **({"state_h": state[0].cpu().numpy(), "state_c": state[1].cpu().numpy()}
@@ -106,7 +112,8 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
                     batch = learner.to_batch(dict(sample.batch, weight=sample.weights))
                     result = learner.update(batch)
                     if result.priorities is not None:
-                        replay.update_priorities(sample.indices, sample.generations, result.priorities)
+                        if prioritized:  # (a uniform sampler has no priorities to update)
+                            replay.update_priorities(sample.indices, sample.generations, result.priorities)
                         metrics = result.metrics
                     if recurrent and learner.updates % DISCREPANCY_EVERY == 0:  # as the topology learner does
                         d = q_value_discrepancy(learner.online, batch, cfg.replay.burn_in)
@@ -126,10 +133,11 @@ def train_local(cfg: Config, *, eval_every_steps: int = 0, eval_episodes: int | 
             if lc.checkpoint_every_seconds > 0 and time.monotonic() - last_ckpt > lc.checkpoint_every_seconds:
                 save_checkpoint(out_dir / CHECKPOINT_NAME, _ckpt_state(cfg, learner, env_steps, episodes))
                 last_ckpt = time.monotonic()
-            rec.set("apex_actor_epsilon", float(np.mean(eps)))
+            eps_now = float(eps) if np.ndim(eps) == 0 else float(np.mean(eps))
+            rec.set("apex_actor_epsilon", eps_now)
             status.maybe(env_steps, learner.updates,
-                         f"replay={replay.size} eps={np.mean(eps):.3f} return={_mean(returns, 20)} "
-                         f"loss={metrics.get('loss', float('nan')):.4f}")
+                         lambda: f"replay={replay.size} eps={eps_now:.3f} return={_mean(returns, 20)} "
+                                 f"loss={metrics.get('loss', float('nan')):.4f}")
     except NonFiniteLossError as exc:
         print(f"[local] stopping: {exc}", file=sys.stderr, flush=True)
         exit_code = NonFiniteLossError.exit_code

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from apex_local.config import ActorConfig
-from apex_local.exploration import apex_epsilon, epsilon_greedy, linear_epsilon
+from apex_local.exploration import apex_epsilon, draw_exploration, epsilon_greedy, linear_epsilon
 
 
 def ladder_position(slot: int) -> float:
@@ -103,8 +103,18 @@ class Policy:
         return out.q.float().cpu().numpy()
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray, epsilon) -> tuple[np.ndarray, np.ndarray, tuple | None]:
-        """Returns (actions (N,), q (N, A), state before acting or None)."""
+    def act(self, obs: np.ndarray, epsilon, need_q: bool = True) -> tuple[np.ndarray, np.ndarray | None, tuple | None]:
+        """Returns (actions (N,), q (N, A), state before acting or None).
+
+        ``need_q=False`` (the single-process trainer, whose replay does not use actor
+        priorities; feed-forward nets, scalar epsilon > 0): q is None, and when every env
+        explores this step the network is not run at all. The random draws and the actions
+        are the same either way (``epsilon_greedy``)."""
+        if not need_q and not self.net.recurrent and not np.ndim(epsilon) and epsilon > 0:
+            explore, random_actions = draw_exploration(self.num_envs, epsilon, self.net.num_actions, self.rng)
+            if explore.all():
+                return random_actions, None, None
+            return np.where(explore, random_actions, self.q_values(obs).argmax(axis=1)), None, None
         self._mode()
         x = torch.as_tensor(obs, device=self.device)
         prev = None
