@@ -119,6 +119,18 @@ def _forward_ref(c):  # an item referencing a frame that only a later chunk brin
     c["obs_seq"][-1, -1] = c["frame_seq"].max() + 6  # k1_chunk i holds frames 10i .. 10i+4
 
 
+def _frameless_item(stream=0, obs=-1, nxt=-1):
+    """One k=1 item and no frames: refs to frames already sent (or -1 padding)."""
+    c = {k: v[:0] for k, v in k1_chunk(0, 0).items()}
+    c.update(stream=np.full(1, stream, np.int32), obs_seq=np.array([[obs]]), next_seq=np.array([[nxt]]),
+             action=np.zeros(1, np.int64), reward=np.ones(1, np.float32), discount=np.ones(1, np.float32))
+    return c
+
+
+def _as_uint64(c):
+    return {k: (v.astype(np.uint64) if k in ("frame_seq", "obs_seq", "next_seq") else v) for k, v in c.items()}
+
+
 def _seq_restart(first, n):
     return lambda: [(0, continued_chunk(1, 5, np.ones(5))), (0, continued_chunk(first, n, np.ones(n)))]
 
@@ -141,6 +153,17 @@ CASES = {
                                          (0, continued_chunk(50, 2, np.ones(2)))],
     "actor restarted": _seq_restart(1, 2),
     "k=1 fresh frames": lambda: [(3, k1_chunk(10 * i, 4, priority=np.ones(4))) for i in range(6)],
+    # new streams get window rows in the order one-by-one inserts give them (snapshots equal)
+    "three actors, descending order": lambda: interleave(actor_chunks(2), actor_chunks(1), actor_chunks(0)),
+    "k=1 frameless chunk naming a new stream": lambda: [(0, k1_chunk(0, 3)), (0, _frameless_item(stream=5))],
+    # a later chunk's frame W seqs newer takes an old frame's window slot, one by one
+    "k=1 seq jump of a stream window": lambda: [(0, k1_chunk(0, 4)), (0, k1_chunk(4 + 1024, 2)),
+                                               (0, _frameless_item(obs=3, nxt=4))],
+    "k=1 actor ids beyond 2**32": lambda: [(2 ** 33, k1_chunk(0, 3, np.ones(3))),
+                                          (2 ** 33, continued_chunk(4, 2, np.ones(2))),
+                                          (2 ** 32 + 3, k1_chunk(0, 3, np.ones(3)))],
+    "k=1 uint64 seqs next to int64": lambda: [(0, k1_chunk(0, 3, np.ones(3))), (0, _as_uint64(
+        continued_chunk(4, 2, np.ones(2))))],
 }
 
 

@@ -107,11 +107,11 @@ class Policy:
         """Returns (actions (N,), q (N, A), state before acting or None).
 
         ``need_q=False`` (the single-process trainer, whose replay does not use actor
-        priorities; feed-forward nets, scalar epsilon > 0): q is None, and when every env
+        priorities; feed-forward nets without noisy layers, scalar epsilon > 0): q is None, and when every env
         explores this step the network is not run at all. The random draws and the actions
         are the same either way (``epsilon_greedy``)."""
-        if not need_q and not self.net.recurrent and not np.ndim(epsilon) and epsilon > 0:
-            explore, random_actions = draw_exploration(self.num_envs, epsilon, self.net.num_actions, self.rng)
+        if not need_q and not (self.net.recurrent or self.net.noisy) and not np.ndim(epsilon) and epsilon > 0:
+            explore, random_actions = draw_exploration(len(obs), epsilon, self.net.num_actions, self.rng)
             if explore.all():
                 return random_actions, None, None
             return np.where(explore, random_actions, self.q_values(obs).argmax(axis=1)), None, None

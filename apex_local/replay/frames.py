@@ -56,6 +56,7 @@ class FramePlan:
     gid: np.ndarray  # (F,) gids the chunk's frames will get
     keys: list  # (actor_id, stream) of each stream in the chunk
     rows: np.ndarray  # window row of each stream, -1 = new stream
+    new_rows: list  # indices into keys of the new streams to give rows, in the order to give them
     restarted: np.ndarray  # (streams,) bool: seqs went backwards, start a fresh window
     frame_loc: np.ndarray  # (F,) index into keys of each frame's stream
     refs: list  # resolved gid arrays, one per reference field
@@ -69,6 +70,9 @@ class MergedParts:
     frame_actor: np.ndarray  # (F,) actor of each frame
     item_actor: np.ndarray  # (B,) actor of each item
     item_frames_end: np.ndarray  # (B,) frames of the merged chunk up to the end of the item's own chunk
+    frame_part: np.ndarray  # (F,) index of the chunk each frame came from
+    item_part: np.ndarray  # (B,) index of the chunk each item came from
+    part_has_frames: np.ndarray  # (P,) bool: chunk p brings frames (only those create stream rows)
 
 
 _SEQ_LIMIT = 1 << 40  # seqs are < 2^40 so (stream index, seq) packs into one int64 key
@@ -148,13 +152,28 @@ class FrameStore:
             both = np.concatenate([frame_stream, item_stream]).astype(np.int64, copy=False)
             if both.size and both.max() >= _STREAM_LIMIT:
                 raise ChunkError(f"stream: merged chunks need streams < 2**31, got {both.max()}")
-            codes = (np.concatenate([merged.frame_actor, merged.item_actor]).astype(np.int64, copy=False) << 31) | both
+            actors = np.concatenate([merged.frame_actor, merged.item_actor]).astype(np.int64, copy=False)
+            if actors.size and (actors.min() < -_STREAM_LIMIT or actors.max() >= _STREAM_LIMIT):
+                raise ChunkError("actor_id: merged chunks need actor ids in [-2**31, 2**31)")
+            codes = (actors << 31) | both
             streams, inv = np.unique(codes, return_inverse=True)
             keys = [(c >> 31, c & (_STREAM_LIMIT - 1)) for c in streams.tolist()]
         else:
             streams, inv = np.unique(np.concatenate([frame_stream, item_stream]), return_inverse=True)
             keys = [(int(actor_id), s) for s in streams.tolist()]
         rows = np.array([self._rows.get(k, -1) for k in keys], np.int64)
+        new = np.flatnonzero(rows < 0)
+        if merged is not None and new.size:
+            # one by one, chunk p gives rows to its new streams (sorted) when it brings frames: the
+            # same order here, and no row for a stream only frameless chunks mention
+            part = np.concatenate([merged.frame_part, merged.item_part])
+            eligible = merged.part_has_frames[part]
+            first_part = np.full(streams.size, np.iinfo(np.int64).max)
+            np.minimum.at(first_part, inv[eligible], part[eligible])
+            new = new[first_part[new] < np.iinfo(np.int64).max]
+            new = new[np.lexsort((streams[new], first_part[new]))]
+        elif not frame_seq.shape[0]:
+            new = new[:0]  # commit writes nothing for a chunk without frames
         f_loc, i_loc = inv[:n_new], inv[n_new:]
         # chunk frames sorted by (stream, seq); the stable sort keeps chunk order within a stream
         order = np.argsort(f_loc, kind="stable")
@@ -181,6 +200,10 @@ class FrameStore:
             gap_hi[g] = frame_seq[order][first]
         n_items = item_stream.shape[0]
         drop = np.zeros(n_items, bool)
+        newest = None  # merged: the newest seq of each stream among the chunks' frames (-1: none)
+        if merged is not None and n_new:
+            newest = np.full(streams.size, -1, np.int64)
+            np.maximum.at(newest, f_loc, frame_seq)
         out = []
         for name, r in refs:
             real = r >= 0
@@ -204,6 +227,9 @@ class FrameStore:
                 ok = (self._win_seq[row, slot] == want) & (wgid >= held_from)
                 got[miss[ok]] = wgid[ok]
                 found[miss[ok]] = True
+            if merged is not None and newest is not None and np.any(found & (seq <= newest[loc] - self.window)):
+                # one by one, a frame of an earlier chunk W seqs newer may have taken this seq's window slot
+                raise ChunkError(f"{name}: merged chunks span more than the stream window (insert them one by one)")
             lost = ~found & (seq > gap_lo[loc]) & (seq < gap_hi[loc])
             if lost.any():
                 if merged is not None:
@@ -220,7 +246,7 @@ class FrameStore:
             gids = np.full(r.shape, -1, np.int64)
             gids[real] = got
             out.append(gids)
-        return FramePlan(gid, keys, rows, restarted, f_loc, out, drop)
+        return FramePlan(gid, keys, rows, new.tolist(), restarted, f_loc, out, drop)
 
     def commit(self, plan: FramePlan, frame_seq: np.ndarray, frames: np.ndarray | list[np.ndarray]) -> None:
         """Write the chunk's frames and register their seqs (after ``prepare`` succeeded).
@@ -238,7 +264,7 @@ class FrameStore:
             self.frames[:m - first] = part[first:]
             pos = (pos + m) % self.capacity
         rows = plan.rows.copy()
-        for j in np.flatnonzero(rows < 0):
+        for j in plan.new_rows:
             rows[j] = self._add_row(plan.keys[j])
         fresh = rows[plan.restarted]
         self._win_seq[fresh] = -1

@@ -132,7 +132,7 @@ class _ItemTable:
             raise ChunkError("insert_chunks: no chunks")
         frame_parts, cols, n_frames, b = [], {}, 0, 0
         with_priority = None
-        actors_f, actors_i, ends = [], [], []
+        actors_f, actors_i, ends, sizes = [], [], [], []
         for actor_id, chunk in parts:
             if not isinstance(chunk, Mapping):
                 raise ChunkError(f"chunk: expected a mapping of arrays, got {type(chunk).__name__}")
@@ -165,7 +165,8 @@ class _ItemTable:
                 actors_f.append(np.full(f_i, int(actor_id), np.int64))
                 actors_i.append(np.full(b_i, int(actor_id), np.int64))
                 ends.append(np.full(b_i, n_frames, np.int64))
-        merged = {key: (v[0] if len(v) == 1 else np.concatenate(v)) for key, v in cols.items()}
+                sizes.append((f_i, b_i))
+        merged = {key: (v[0] if len(v) == 1 else _concat(key, v)) for key, v in cols.items()}
         frame_stream = _checked(merged["frame_stream"], "frame_stream", "stream")
         frame_seq = _checked(merged["frame_seq"], "frame_seq", "seq")
         stream = _checked(merged["stream"], "stream", "stream")
@@ -175,8 +176,12 @@ class _ItemTable:
         if with_priority:
             _checked(merged["priority"], "priority", "priority")
         refs = [(c.name, values[c.name]) for c in self._columns if c.batch_key is not None]
-        actor = parts[0][0] if len(parts) == 1 else MergedParts(np.concatenate(actors_f), np.concatenate(actors_i),
-                                                                np.concatenate(ends))
+        actor = parts[0][0]
+        if len(parts) > 1:
+            f_n, b_n = (np.array(x, np.int64) for x in zip(*sizes))
+            p = np.arange(len(parts))
+            actor = MergedParts(np.concatenate(actors_f), np.concatenate(actors_i), np.concatenate(ends),
+                                np.repeat(p, f_n), np.repeat(p, b_n), f_n > 0)
         plan = self.frame_store.prepare(actor, frame_stream, frame_seq, stream, refs)
         # ---- nothing has been written so far; from here on nothing can fail
         self.frame_store.commit(plan, frame_seq, frame_parts if len(frame_parts) > 1 else frame_parts[0])
@@ -378,6 +383,17 @@ def _field(chunk: Mapping, name: str, shape: tuple | None, kinds: str) -> np.nda
     if shape is not None and a.shape != shape:
         raise ChunkError(f"{name}: shape {a.shape}, expected {shape} (B items / F frames as in the chunk)")
     return a
+
+
+def _concat(name: str, arrays: list[np.ndarray]) -> np.ndarray:
+    """One field of merged chunks. Integer fields of different dtypes become int64 (numpy would
+    make uint64 + int64 float64)."""
+    if len({a.dtype for a in arrays}) > 1 and all(a.dtype.kind in _INT for a in arrays):
+        for a in arrays:
+            if a.dtype.kind == "u" and a.size and a.max() >= 2 ** 63:
+                raise ChunkError(f"{name}: values must be < 2**63, got {a.max()}")
+        arrays = [a.astype(np.int64, copy=False) for a in arrays]
+    return np.concatenate(arrays)
 
 
 def _checked(a: np.ndarray, name: str, check: str) -> np.ndarray:

@@ -48,9 +48,9 @@ def drain_inserts(pull, limits: DecodeLimits, replay, reject, group: int = INSER
     stores nothing. Shared by the replay server and a Gorila learner's local replay.
 
     Messages already queued are stored ``group`` at a time (``Replay.insert_many``: the same
-    outcome per message as one by one, at a fraction of the cost); the limiter is asked before
-    each read for the items read but not yet stored plus one, as it is asked for one before
-    each message when they are stored one by one."""
+    outcome per message as one by one, at a fraction of the cost). Before each read the limiter
+    is asked for the items read but not yet stored plus one: what asking for one before each
+    message stored one by one amounts to when they all get stored, and stricter otherwise."""
     batch: list = []
     pending = 0
     for _ in range(MAX_MESSAGES_PER_TICK):
