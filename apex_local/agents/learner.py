@@ -61,6 +61,8 @@ class Learner:
         for p in self.target.parameters():
             p.requires_grad_(False)
         lc = cfg.learner
+        # the module tree walk of parameters() costs ~7 us a call, several calls per update
+        self._params = list(self.online.parameters())
         if lc.optimizer == "adam":
             # fused: one kernel for all parameters instead of ~10 ops per tensor; on a small net the
             # per-op overhead is the cost (CartPole MLP on CPU: 184 -> 57 us per step). Same update rule.
@@ -100,21 +102,26 @@ class Learner:
         loss, priorities, metrics = self.loss(batch)
         if not torch.isfinite(loss):
             return self._nonfinite("loss"), False
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         loss.backward()
         if self.cfg.learner.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.learner.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.learner.max_grad_norm)
         else:
-            norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in self.online.parameters()
-                                  if p.grad is not None))
+            norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in self._params if p.grad is not None))
         if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             return self._nonfinite("gradient"), False
         self._nonfinite_in_row = 0
         prio = priorities.detach().float().cpu().numpy()
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["grad_norm"] = float(norm)
         return UpdateResult(prio, metrics), True
+
+    def _zero_grad(self) -> None:
+        """``optimizer.zero_grad(set_to_none=True)`` without its profiler scope and per-group
+        bookkeeping (~50 us of a ~1 ms CartPole update): the optimizer holds exactly these."""
+        for p in self._params:
+            p.grad = None
 
     def update(self, batch) -> UpdateResult:
         result, ok = self.compute_gradients(batch)

@@ -31,6 +31,8 @@ class _Outbox:
         self._started = False
         self._with_q: bool | None = None  # fixed by the first step(): q on every step or on none
         self.dropped = 0  # items abandoned by a mid-episode reset()
+        self._cast_ok = None  # the last observation dtype found storable as frame_dtype
+        self._envs = np.arange(self.num_envs)
 
     @property
     def pending(self) -> int:
@@ -55,8 +57,9 @@ class _Outbox:
         want = (self.num_envs, k, *self.frame_shape)
         if a.shape != want:
             raise ValueError(f"{name}: expected shape {want}, got {a.shape}")
-        if not np.can_cast(a.dtype, self.frame_dtype, "same_kind"):
+        if a.dtype is not self._cast_ok and not np.can_cast(a.dtype, self.frame_dtype, "same_kind"):
             raise ValueError(f"{name}: dtype {a.dtype} cannot be stored as {self.frame_dtype}")
+        self._cast_ok = a.dtype  # (checked once per dtype: this runs every env step)
         return a
 
     def _vec(self, x, name: str, dtype) -> np.ndarray:
@@ -138,6 +141,7 @@ class NStepAccumulator(_Outbox):
         self._w_rew = np.zeros((num, self.n), np.float64)
         self._w_qsa = np.zeros((num, self.n), np.float64)  # Q(s_t, a_t)
         self._held: dict | None = None  # full windows waiting for max_a Q(s_{t+n})
+        self._gpow = self.gamma ** np.arange(self.n)  # g^i, i < n
 
     def _item_spec(self) -> dict:
         k = (self.frame_stack,)
@@ -172,15 +176,16 @@ class NStepAccumulator(_Outbox):
         term = self._vec(terminated, "terminated", bool)
         trunc = self._vec(truncated, "truncated", bool) & ~term  # both set: terminal wins
         done = term | trunc
+        any_done = bool(done.any())
         next_obs = self._obs(next_obs, "next_obs", self.frame_stack)
-        if done.any():
+        if any_done:
             final_obs = self._obs(final_obs, "final_obs", self.frame_stack)
         q_t, q_final = self._check_q(q, q_final, trunc)
         if q_t is not None and self._held is not None:  # one-step delay: max_a Q(s_{t+n}) is q_t now
             held, self._held = self._held, None
             boot = q_t[held["stream"]].max(axis=1)
             self._emit_with_priority(held, boot)
-        envs = np.arange(num)
+        envs = self._envs
         slot = self._t % n
         self._w_obs[envs, slot] = self._stack
         self._w_act[envs, slot] = a_t
@@ -190,27 +195,27 @@ class NStepAccumulator(_Outbox):
         self._w_len += 1
         # new frame of s_{t+1}: the final obs where the episode ended
         last = np.where(done.reshape(-1, *[1] * len(self.frame_shape)), final_obs[:, -1], next_obs[:, -1]) \
-            if done.any() else next_obs[:, -1]
+            if any_done else next_obs[:, -1]
         s_tp1 = np.concatenate([self._stack[:, 1:], self._new_frames(envs, last)[:, None]], axis=1)
-        full = np.flatnonzero(~done & (self._w_len == n))
+        full = np.flatnonzero(self._w_len == n) if not any_done else np.flatnonzero(~done & (self._w_len == n))
         if full.size:  # R_t = sum_{i<n} g^i r_{t+i}, d_t = g^n, next = s_{t+n}
             order = (self._t[full, None] - n + 1 + np.arange(n)) % n  # window slots, oldest first
             old = order[:, 0]
             items = {"stream": full, "obs_seq": self._w_obs[full, old], "next_seq": s_tp1[full],
                      "action": self._w_act[full, old],
-                     "reward": (self._w_rew[full[:, None], order] * g ** np.arange(n)).sum(axis=1),
+                     "reward": (self._w_rew[full[:, None], order] * self._gpow).sum(axis=1),
                      "discount": np.full(full.size, g ** n), "qsa": self._w_qsa[full, old]}
             self._w_len[full] -= 1
             if q_t is None:
                 self._emit(items)
             else:
                 self._held = items
-        for i in np.flatnonzero(done):
+        ended = np.flatnonzero(done) if any_done else ()
+        for i in ended:
             boot = q_final[i].max() if (q_t is not None and trunc[i]) else 0.0
             self._emit_tail(i, bool(term[i]), s_tp1[i], boot)
         self._t += 1
-        ended = np.flatnonzero(done)
-        if ended.size:  # the next episode's first obs: k-1 zero frames + its first frame
+        if any_done:  # the next episode's first obs: k-1 zero frames + its first frame
             s_tp1[ended] = -1
             s_tp1[ended, -1] = self._new_frames(ended, next_obs[ended, -1])
             self._w_len[ended] = 0
