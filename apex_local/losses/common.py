@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def is_finite(loss: torch.Tensor) -> bool:
@@ -10,13 +11,16 @@ def is_finite(loss: torch.Tensor) -> bool:
     return bool(torch.isfinite(loss).all().item())
 
 
-def huber(x: torch.Tensor, delta: float) -> torch.Tensor:
-    """Huber loss: 0.5 x^2 for |x| <= delta, delta (|x| - 0.5 delta) beyond; delta = 0 -> 0.5 x^2."""
+def huber(x: torch.Tensor, delta: float, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Huber loss of x (or of x - target): 0.5 x^2 for |x| <= delta, delta (|x| - 0.5 delta)
+    beyond; delta = 0 -> 0.5 x^2. With ``target`` it is one autograd node (torch's huber_loss)
+    instead of seven: on a small net the loss's per-op cost is a visible part of an update."""
     if delta <= 0:
-        return 0.5 * x.square()
-    ax = x.abs()
-    quad = ax.clamp(max=delta)
-    return 0.5 * quad.square() + delta * (ax - quad)
+        d = x if target is None else x - target
+        return 0.5 * d.square()
+    if target is None:
+        target = torch.zeros_like(x)
+    return F.huber_loss(x, target, reduction="none", delta=float(delta))
 
 
 def select(values: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,9 @@ def dqn_loss(online: torch.nn.Module, target: torch.nn.Module, batch: Transition
         # n-step target: y = r_t + gamma^n Q_target(s_t, a*) (discount already holds gamma^n or 0)
         y_t = dqn_targets(q_t_target, q_t_online, batch.reward, batch.discount, double_q)
     qa_tm1 = select(q_tm1, batch.action)
-    td = y_t - qa_tm1  # delta = y - Q(s_tm1, a_tm1)
+    # delta = y - Q(s_tm1, a_tm1); the loss is symmetric in delta, so huber(Q, target y)
     # PER (Schaul et al. 2016): the IS weight w_i scales each sample's loss.
-    loss = (batch.weight * huber(td, huber_delta)).mean()
-    priorities = td.detach().abs()
+    loss = (batch.weight * huber(qa_tm1, huber_delta, target=y_t)).mean()
+    priorities = (y_t - qa_tm1.detach()).abs()
     metrics = to_floats(loss=loss, q_mean=qa_tm1.mean(), td_abs_mean=priorities.mean())
     return loss, priorities, metrics

@@ -66,6 +66,21 @@ class NoisyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)`` with nn.Linear / nn.ReLU applied as their functional ops (the same ops, so the
+    same result): a module call costs ~2.5 us, ~10 of them per forward pass of a small MLP,
+    which on CartPole is ~25% of a forward. Other layers (NoisyLinear, ...) are called as
+    modules. Forward hooks on the Linear/ReLU children themselves are therefore not run."""
+    for m in layers:
+        if type(m) is nn.Linear:
+            x = F.linear(x, m.weight, m.bias)
+        elif type(m) is nn.ReLU and not m.inplace:
+            x = torch.relu(x)
+        else:
+            x = m(x)
+    return x
+
+
 def _mlp(in_dim: int, hidden: int, out_dim: int, noisy: bool, sigma0: float) -> nn.Sequential:
     def linear(i: int, o: int) -> nn.Module:
         return NoisyLinear(i, o, sigma0) if noisy else nn.Linear(i, o)
@@ -90,10 +105,10 @@ class QHead(nn.Module):
 
     def forward(self, x: torch.Tensor, support: Optional[torch.Tensor]) -> QOut:
         n = x.shape[0]
-        out = self.advantage(x).view(n, self.num_actions, self.num_atoms)
+        out = run_layers(self.advantage, x).view(n, self.num_actions, self.num_atoms)
         if self.value is not None:
             # Wang et al. 2016, Eq. (9): Q = V + (A - mean_a' A); for C51 per atom, on logits.
-            value = self.value(x).view(n, 1, self.num_atoms)
+            value = run_layers(self.value, x).view(n, 1, self.num_atoms)
             out = value + out - out.mean(dim=1, keepdim=True)
         if not self.categorical:
             return QOut(out.squeeze(-1), None)

@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from apex_local.networks.heads import run_layers
+
 
 class MLPTorso(nn.Module):
     """Flatten everything after the batch axis, then Linear+ReLU per hidden size."""
@@ -26,7 +28,7 @@ class MLPTorso(nn.Module):
         self.out_dim = in_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x.flatten(1))
+        return run_layers(self.layers, x.flatten(1))
 
 
 class NatureCNNTorso(nn.Module):
