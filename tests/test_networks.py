@@ -199,3 +199,24 @@ def test_preset_values_from_the_papers():
     assert preset_overrides("apex")["network.dueling"] and preset_overrides("apex")["learner.double_q"]
     with pytest.raises(ValueError, match="no preset"):
         preset_overrides("a3c")
+
+
+def test_run_layers_is_the_sequential_call_with_the_same_values_and_gradients():
+    import torch
+    from torch import nn
+
+    from apex_local.networks.heads import NoisyLinear, run_layers
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), NoisyLinear(8, 8, 0.5), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    torch.manual_seed(1)
+    a = seq(x)
+    a.sum().backward()
+    ga = [p.grad.clone() for p in seq.parameters()]
+    seq.zero_grad()
+    torch.manual_seed(1)  # NoisyLinear draws its noise again: same draws
+    b = run_layers(seq, x)
+    b.sum().backward()
+    assert torch.equal(a, b)
+    assert all(torch.equal(g, p.grad) for g, p in zip(ga, seq.parameters()))
