@@ -1,6 +1,7 @@
 """Time to solve CartPole-v1 with the single-process trainer (local DQN and Rainbow).
 
     python -m bench.bench_solve [--quick] [--seeds 3] [--methods dqn,rainbow] [--budget N] [--no-doc]
+    python -m bench.bench_solve --methods dqn --seeds 12 --budget 40000 --set learner.target_update_period=125
 
 For each method and seed: ``train_local`` on ``configs/<method>_cartpole.yaml`` (seed set, run
 dir in a temp folder), a greedy evaluation of ``--episodes`` (10) games every ``--eval-every``
@@ -39,15 +40,16 @@ QUICK_BUDGET = 25_000
 
 
 def solve_one(method: str, seed: int, budget: int, eval_every: int, episodes: int, threshold: float,
-              verbose: bool = True) -> dict:
-    """One seeded run until solved or ``budget`` env steps; returns a result row."""
+              verbose: bool = True, overrides: tuple[str, ...] = ()) -> dict:
+    """One seeded run until solved or ``budget`` env steps; returns a result row.
+    ``overrides``: extra ``key=value`` config overrides (``--set``, for tuning sweeps)."""
     from apex_local.agents.local import train_local
     from apex_local.api import resolve_config
 
     with tempfile.TemporaryDirectory(prefix="apex-bench-solve-") as tmp:
         cfg = resolve_config(ROOT / CONFIGS[method],
                              [f"run.seed={seed}", f"run.max_env_steps={budget}", f"run.dir={tmp}",
-                              "run.log_every_seconds=0", "learner.checkpoint_every_seconds=0"])
+                              "run.log_every_seconds=0", "learner.checkpoint_every_seconds=0", *overrides])
 
         loads = [os.getloadavg()[0]]
 
@@ -137,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--threshold", type=float, default=475.0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run (repeatable; e.g. learner.target_update_period=60): "
+                        "tuning sweeps; implies --no-doc")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1")
     p.add_argument("--doc", action="store_true", help="write docs/benchmarks_learning.md even with --quick")
     p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks_learning.md")
     args = p.parse_args(argv)
@@ -152,16 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in args.methods:
         budget = args.budget or (QUICK_BUDGET if args.quick else BUDGETS[method])
-        for seed in range(seeds):
+        for seed in range(args.first_seed, args.first_seed + seeds):
             t0 = time.monotonic()
-            rows.append(solve_one(method, seed, budget, args.eval_every, args.episodes, args.threshold))
+            rows.append(solve_one(method, seed, budget, args.eval_every, args.episodes, args.threshold,
+                                  overrides=tuple(args.overrides)))
             print(f"[bench_solve] {method} seed {seed}: "
                   + (f"solved at {rows[-1]['env_steps']} steps, {rows[-1]['seconds']:.0f}s" if rows[-1]["solved"]
                      else f"not solved in {budget} steps (best {rows[-1]['best_eval']:.1f})")
                   + f" [{time.monotonic() - t0:.0f}s]", file=sys.stderr, flush=True)
     text = section(rows, command.strip(), args, started, load, os.getloadavg())
     print(table(rows))
-    if (not args.quick or args.doc) and not args.no_doc:
+    if (not args.quick or args.doc) and not args.no_doc and not args.overrides:
         write_doc(text)
         print(f"[bench_solve] wrote {DOC.relative_to(ROOT)}", file=sys.stderr)
     return 0

@@ -181,3 +181,23 @@ def test_quick_mode_runs_end_to_end(tmp_path):
     text = doc.read_text()
     _check_common(text)
     assert "mode: quick" in text
+
+
+def test_bench_solve_overrides_reach_the_config_and_write_no_doc(monkeypatch, capsys):
+    """--set (tuning sweeps) passes overrides to every run and never rewrites the docs page."""
+    from bench import bench_solve
+
+    seen = []
+    monkeypatch.setattr(bench_solve, "write_doc", lambda text: seen.append("doc"))
+
+    def fake(method, seed, budget, eval_every, episodes, threshold, verbose=True, overrides=()):
+        seen.append((seed, overrides))
+        return {"method": method, "seed": seed, "budget": budget, "solved": True, "env_steps": 5000, "seconds": 1.0,
+                "best_eval": 500.0, "total_steps": 5000, "total_seconds": 1.0, "steps_per_s": 5000.0, "peak_load": 0.1}
+
+    monkeypatch.setattr(bench_solve, "solve_one", fake)
+    assert bench_solve.main(["--methods", "dqn", "--seeds", "2", "--first-seed", "4",
+                             "--set", "learner.target_update_period=60", "--set", "learner.lr=0.002"]) == 0
+    assert seen == [(4, ("learner.target_update_period=60", "learner.lr=0.002")),
+                    (5, ("learner.target_update_period=60", "learner.lr=0.002"))]
+    assert "| dqn | 5 | 5,000 |" in capsys.readouterr().out
