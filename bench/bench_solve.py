@@ -133,7 +133,7 @@ def write_doc(text: str, path: Path = DOC) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"1 seed, {QUICK_BUDGET:,}-step budget, no doc")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3, quick 1)")
+    p.add_argument("--seeds", type=int, default=None, help="N seeds from --first-seed (default 3, quick 1)")
     p.add_argument("--methods", default="dqn,rainbow", help="comma list of: " + ", ".join(CONFIGS))
     p.add_argument("--budget", type=int, default=None, help="env steps per run (default per method)")
     p.add_argument("--eval-every", type=int, default=5000)

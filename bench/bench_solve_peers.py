@@ -588,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_solve_peers", description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma list of: dqn, apex_<N>actors (apex_2actors), sb3_dqn, tianshou_dqn")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3, quick 1)")
+    p.add_argument("--seeds", type=int, default=None, help="N seeds: first..first+N-1 (default 3, quick 1)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="first seed (e.g. seeds no config was tuned on)")
     p.add_argument("--budget", type=int, default=None, help="env steps per run (default per method: "
                    + ", ".join(f"{k} {v:,}" for k, v in BUDGETS.items()) + ")")
     p.add_argument("--quick", action="store_true", help="1 seed (the budgets stay: a run stops when it solves)")
@@ -618,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, failed = [], False
     for method in methods:
         budget = args.budget or budget_of(method)
-        for seed in range(seeds):
+        for seed in range(args.first_seed, args.first_seed + seeds):
             t0 = time.monotonic()
             try:
                 actors = int(method[len("apex_"):-len("actors")]) if method.startswith("apex_") else args.actors

@@ -79,6 +79,22 @@ def test_huber_and_squared():
     torch.testing.assert_close(huber(x, 0.0), 0.5 * x * x)
 
 
+@pytest.mark.parametrize("delta", [0.0, 1.0, 2.0])
+def test_huber_with_target_is_huber_of_the_difference_with_its_gradient(delta):
+    """huber(q, d, target=y) == huber(q - y, d) (symmetric); d/dq: q - y inside delta, +-delta beyond
+    (hand values for delta 1: td = q - y = [-3, -0.5, 0, 2])."""
+    q = torch.tensor([-2.0, 0.5, 1.0, 3.0], requires_grad=True)
+    y = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    loss = huber(q, delta, target=y)
+    torch.testing.assert_close(loss, huber((q - y).detach(), delta))
+    loss.sum().backward()
+    td = (q - y).detach()
+    want = td if delta <= 0 else td.clamp(-delta, delta)
+    torch.testing.assert_close(q.grad, want)
+    if delta == 1.0:
+        torch.testing.assert_close(q.grad, torch.tensor([-1.0, -0.5, 0.0, 1.0]))
+
+
 def test_nan_input_does_not_crash_and_is_reported():
     online, target = TableQ(ONLINE), TableQ(TARGET)
     loss, prio, metrics = dqn_loss(online, target, _batch(reward=[np.nan, 0.5, -1.0]))

@@ -13,8 +13,9 @@ def is_finite(loss: torch.Tensor) -> bool:
 
 def huber(x: torch.Tensor, delta: float, target: torch.Tensor | None = None) -> torch.Tensor:
     """Huber loss of x (or of x - target): 0.5 x^2 for |x| <= delta, delta (|x| - 0.5 delta)
-    beyond; delta = 0 -> 0.5 x^2. With ``target`` it is one autograd node (torch's huber_loss)
-    instead of seven: on a small net the loss's per-op cost is a visible part of an update."""
+    beyond; delta = 0 -> 0.5 x^2. delta > 0 is torch's huber_loss, one autograd node instead of
+    seven (on a small net the loss's per-op cost is a visible part of an update); pass
+    ``target`` rather than x - target to save the subtraction and a zeros target."""
     if delta <= 0:
         d = x if target is None else x - target
         return 0.5 * d.square()
