@@ -245,3 +245,24 @@ def test_r2d2_nan_input_and_from_numpy():
     seq = SequenceBatch.from_numpy(arrays)
     assert seq.mask.dtype == torch.float32 and seq.sequence_steps == T
     torch.testing.assert_close(seq.weight, torch.ones(3))
+
+
+@pytest.mark.parametrize("delta, rescale", [(1.0, False), (0.0, False), (2.0, True)])
+def test_learner_passes_its_loss_settings_to_drqn(delta, rescale):
+    """learner.huber_delta / value_rescale reach drqn_loss (they were left at drqn_loss's defaults)."""
+    from apex_local.agents.learner import Learner
+    from apex_local.config import Config, replace
+
+    cfg = replace(Config(), **{"network.hidden_sizes": [16], "network.head_hidden": 8, "network.lstm_size": H,
+                               "network.dueling": True, "learner.drqn_update": "random", "replay.burn_in": 0,
+                               "replay.n_step": 1, "learner.double_q": False, "learner.huber_delta": delta,
+                               "learner.value_rescale": rescale})
+    learner = Learner(cfg, (1, 3), np.float32, 2)
+    batch = _seq_batch()
+    got, _, _ = learner.loss(batch)
+    want, _, _ = drqn_loss(learner.online, learner.target, batch, mode="random", huber_delta=delta,
+                           value_rescale=rescale)
+    torch.testing.assert_close(got, want)
+    other, _, _ = drqn_loss(learner.online, learner.target, batch, mode="random",
+                            huber_delta=1.0 if delta != 1.0 else 0.0, value_rescale=not rescale)
+    assert other.item() != pytest.approx(got.item())

@@ -81,8 +81,9 @@ class Learner:
         if self.online.recurrent:
             if lc.drqn_update != "none":
                 return drqn_loss(self.online, self.target, batch, mode=lc.drqn_update,
-                                 burn_in=rc.burn_in, n_step=rc.n_step,
-                                 double_q=lc.double_q, eta=lc.priority_eta)
+                                 burn_in=rc.burn_in, n_step=rc.n_step, double_q=lc.double_q,
+                                 huber_delta=lc.huber_delta, value_rescale=lc.value_rescale,
+                                 rescale_eps=lc.rescale_eps, eta=lc.priority_eta)
             return r2d2_loss(self.online, self.target, batch, burn_in=rc.burn_in, n_step=rc.n_step,
                              value_rescale=lc.value_rescale, rescale_eps=lc.rescale_eps,
                              eta=lc.priority_eta, stored_state=lc.stored_state, double_q=lc.double_q)
