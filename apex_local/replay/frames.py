@@ -65,7 +65,8 @@ class FramePlan:
 
 @dataclass(frozen=True)
 class MergedParts:
-    """Who sent what, for several chunks merged into one (``Replay.insert_many``)."""
+    """Who sent what, for several chunks merged into one (``Replay.insert_many``); build it with
+    ``of(actor ids, frames per chunk, items per chunk)``."""
 
     frame_actor: np.ndarray  # (F,) actor of each frame
     item_actor: np.ndarray  # (B,) actor of each item
@@ -73,6 +74,13 @@ class MergedParts:
     frame_part: np.ndarray  # (F,) index of the chunk each frame came from
     item_part: np.ndarray  # (B,) index of the chunk each item came from
     part_has_frames: np.ndarray  # (P,) bool: chunk p brings frames (only those create stream rows)
+
+    @classmethod
+    def of(cls, actors, frames, items) -> "MergedParts":
+        actors, f_n, b_n = (np.asarray(x, np.int64) for x in (actors, frames, items))
+        part = np.arange(actors.size)
+        return cls(np.repeat(actors, f_n), np.repeat(actors, b_n), np.repeat(np.cumsum(f_n), b_n),
+                   np.repeat(part, f_n), np.repeat(part, b_n), f_n > 0)
 
 
 _SEQ_LIMIT = 1 << 40  # seqs are < 2^40 so (stream index, seq) packs into one int64 key

@@ -115,23 +115,25 @@ class Replay:
         store = self.table.frame_store
         max_frames = min(INSERT_GROUP_FRAMES, store.window, store.capacity)
         group: list[tuple[int, Mapping]] = []
+        counts: list[int] = []  # items per part of the group
         frames = items = 0
         key = None
         for part in parts:
             size = _sizes(part[1])
             if size is None or (group and (frames + size[0] > max_frames or items + size[1] > self.capacity
                                            or size[2] != key)):
-                out.extend(self._store_group(group))
-                group, frames, items = [], 0, 0
+                out.extend(self._store_group(group, counts))
+                group, counts, frames, items = [], [], 0, 0
             if size is None:  # not even shaped like a chunk: let insert_chunk name the problem
-                out.extend(self._store_group([part]))
+                out.extend(self._store_group([part], [0]))
                 continue
             group.append(part)
+            counts.append(size[1])
             frames, items, key = frames + size[0], items + size[1], size[2]
-        out.extend(self._store_group(group))
+        out.extend(self._store_group(group, counts))
         return out
 
-    def _store_group(self, group: list) -> list[int | ChunkError]:
+    def _store_group(self, group: list, counts: list[int]) -> list[int | ChunkError]:
         if not group:
             return []
         try:
@@ -139,14 +141,13 @@ class Replay:
         except ChunkError as exc:
             if len(group) == 1:
                 return [exc]
-            return [r for part in group for r in self._store_group([part])]
+            return [r for part, c in zip(group, counts) for r in self._store_group([part], [c])]
         if len(group) == 1:
             return [n]
-        sizes = [len(np.asarray(c["stream"])) for _, c in group]
         kept = self.table.last_kept
         if kept is None:
-            return sizes
-        return [int(k.sum()) for k in np.split(kept, np.cumsum(sizes)[:-1])]
+            return list(counts)
+        return [int(k.sum()) for k in np.split(kept, np.cumsum(counts)[:-1])]
 
     def _store(self, parts: list) -> int:
         before = self.table.size

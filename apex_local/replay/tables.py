@@ -132,7 +132,7 @@ class _ItemTable:
             raise ChunkError("insert_chunks: no chunks")
         frame_parts, cols, n_frames, b = [], {}, 0, 0
         with_priority = None
-        actors_f, actors_i, ends, sizes = [], [], [], []
+        sizes = []  # (actor, frames, items) per part
         for actor_id, chunk in parts:
             if not isinstance(chunk, Mapping):
                 raise ChunkError(f"chunk: expected a mapping of arrays, got {type(chunk).__name__}")
@@ -161,11 +161,7 @@ class _ItemTable:
             frame_parts.append(frames)
             n_frames += f_i
             b += b_i
-            if len(parts) > 1:
-                actors_f.append(np.full(f_i, int(actor_id), np.int64))
-                actors_i.append(np.full(b_i, int(actor_id), np.int64))
-                ends.append(np.full(b_i, n_frames, np.int64))
-                sizes.append((f_i, b_i))
+            sizes.append((int(actor_id), f_i, b_i))
         merged = {key: (v[0] if len(v) == 1 else _concat(key, v)) for key, v in cols.items()}
         frame_stream = _checked(merged["frame_stream"], "frame_stream", "stream")
         frame_seq = _checked(merged["frame_seq"], "frame_seq", "seq")
@@ -176,12 +172,7 @@ class _ItemTable:
         if with_priority:
             _checked(merged["priority"], "priority", "priority")
         refs = [(c.name, values[c.name]) for c in self._columns if c.batch_key is not None]
-        actor = parts[0][0]
-        if len(parts) > 1:
-            f_n, b_n = (np.array(x, np.int64) for x in zip(*sizes))
-            p = np.arange(len(parts))
-            actor = MergedParts(np.concatenate(actors_f), np.concatenate(actors_i), np.concatenate(ends),
-                                np.repeat(p, f_n), np.repeat(p, b_n), f_n > 0)
+        actor = parts[0][0] if len(parts) == 1 else MergedParts.of(*zip(*sizes))
         plan = self.frame_store.prepare(actor, frame_stream, frame_seq, stream, refs)
         # ---- nothing has been written so far; from here on nothing can fail
         self.frame_store.commit(plan, frame_seq, frame_parts if len(frame_parts) > 1 else frame_parts[0])
