@@ -156,6 +156,10 @@ class TransportConfig:
     send_hwm: int = 64  # messages queued per socket before a sender blocks
     send_timeout_ms: int = 200  # a blocked send gives up after this (so signals are handled)
     max_message_bytes: int = 256 * 1024 * 1024  # ZMQ_MAXMSGSIZE on receiving sockets
+    # Each actor writes its insert messages into its own shared-memory ring of this many MiB and
+    # pushes only a reference (transport/insert_ring.py), when the replay is on this host (ipc, or
+    # tcp to loopback without CURVE); a message that does not fit goes inline. 0 = always inline.
+    insert_ring_mb: int = 32
     request_timeout_ms: int = 2_000  # learner sample request retry (Lazy Pirate)
     # Remote actors (README "Remote actors (two hosts)"; keys from `apex-local keys --out DIR`).
     # '' = no CURVE. Set = every tcp socket is CURVE: the server cert with its secret key
@@ -248,6 +252,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("actor", "sync_every"): (1, None), ("actor", "eval_epsilon"): (0, 1),
     ("actor", "eval_episodes"): (1, None), ("actor", "eval_every_seconds"): (0, None),
     ("transport", "base_port"): (1024, 65_000), ("transport", "send_hwm"): (1, None),
+    ("transport", "insert_ring_mb"): (0, 65_536),
     ("transport", "send_timeout_ms"): (1, None), ("transport", "max_message_bytes"): (1024, None),
     ("transport", "request_timeout_ms"): (1, None),
     ("metrics", "base_port"): (1024, 65_000),

@@ -42,6 +42,8 @@ CATALOGUE: dict[str, MetricDef] = {
     "apex_replay_size": MetricDef("gauge", "Items currently stored in replay"),
     "apex_replay_capacity": MetricDef("gauge", "Replay capacity in items"),
     "apex_replay_inserted_total": MetricDef("counter", "Items inserted into replay"),
+    "apex_replay_ring_messages_total": MetricDef(
+        "counter", "Insert messages read from actors' shared-memory insert rings (the rest came inline)"),
     "apex_replay_sampled_total": MetricDef("counter", "Items sampled from replay"),
     "apex_replay_priority_updates_total": MetricDef("counter", "Priority updates applied"),
     "apex_replay_stale_priority_updates_total": MetricDef(
@@ -108,6 +110,7 @@ _UNITS = {
     "apex_actor_weights_version": "version", "apex_actor_inserted_total": "items",
     "apex_actor_env_errors_total": "errors",
     "apex_replay_size": "items", "apex_replay_capacity": "items", "apex_replay_inserted_total": "items",
+    "apex_replay_ring_messages_total": "messages",
     "apex_replay_sampled_total": "items", "apex_replay_priority_updates_total": "items",
     "apex_replay_stale_priority_updates_total": "items", "apex_replay_rejected_messages_total": "messages",
     "apex_replay_env_steps_total": "steps", "apex_replay_gap_items_total": "items",

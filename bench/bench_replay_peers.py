@@ -312,6 +312,7 @@ def measure_server(capacity: int, cycles: int, seed: int = 0) -> dict:
 
     from apex_local.transport import (BatchReady, BatchSlots, Error, Info, InfoRequest, Insert,
                                       PriorityUpdate, RequestClient, SampleRequest, segment_name)
+    from apex_local.transport.insert_ring import InsertRingWriter, insert_frame, ring_enabled
     from apex_local.transport.sockets import endpoints, make_socket, new_context, send_message
     from bench.bench_replay import ChunkSource
     from bench._topo import Registry
@@ -321,7 +322,7 @@ def measure_server(capacity: int, cycles: int, seed: int = 0) -> dict:
            "layout": "frames once, server process (ZMQ + shm slots)"}
     with tempfile.TemporaryDirectory(prefix="apex-bench-server-") as tmp:
         reg = Registry(Path(tmp))
-        ctx = client = push = slots = None
+        ctx = client = push = slots = ring = None
         try:
             topo = reg.topology("replay", {"replay.capacity": capacity, "replay.min_size": BATCH,
                                            "replay.samples_per_insert": 0, "replay.alpha": ALPHA,
@@ -351,13 +352,18 @@ def measure_server(capacity: int, cycles: int, seed: int = 0) -> dict:
             row["rss_before_gib"] = (sum(resident_bytes_of(server.proc.pid).values()) / 2 ** 30) + rss_now_gib()
             src = ChunkSource(rng)
             total = 0
+            # what an actor on this host does: the message into its shared-memory insert ring,
+            # a reference over ZMQ (transport.insert_ring_mb; inline when the ring is full)
+            ring = InsertRingWriter(topo.run_id, "bench", topo.cfg.transport.insert_ring_mb << 20) \
+                if ring_enabled(topo.cfg.transport) else None
+            row["insert_ring_mb"] = topo.cfg.transport.insert_ring_mb if ring else 0
             for phase, count in (("fill", capacity), ("overwrite", max(capacity // 5, CHUNK))):
                 n = 0
                 t0 = time.perf_counter()
                 while n < count:
                     chunk = src.next()
                     msg = Insert(sender="bench", actor_id=0, env_steps=len(chunk["action"]), chunk=chunk)
-                    frame = msg.to_frame()
+                    frame = insert_frame(msg, ring)
                     while not send_message(push, frame):
                         if server.proc.poll() is not None:
                             raise RuntimeError(f"replay server exited: {topo.log('replay.0')[-2000:]}")
@@ -412,7 +418,8 @@ def measure_server(capacity: int, cycles: int, seed: int = 0) -> dict:
             print(f"[apex_local_server] sample {BATCH} + update {BATCH}: {row['cycles_per_s']:,.1f} cycles/s; "
                   f"peak RSS server {hwm:.2f} + client {peak_rss_gib():.2f} GiB", file=sys.stderr, flush=True)
         finally:
-            for closer in (lambda: slots and slots.close(), lambda: push and push.close(linger=0),
+            for closer in (lambda: ring and ring.close(), lambda: slots and slots.close(),
+                           lambda: push and push.close(linger=0),
                            lambda: client and client.close(), lambda: ctx and ctx.term()):
                 closer()
             leftovers = reg.close()

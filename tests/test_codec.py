@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from apex_local.transport import (
-    KINDS, PROTOCOL_VERSION, REASONS, BatchReady, DecodeLimits, Error, Gradients, Heartbeat, Info, InfoRequest, Insert, InsertSpec,
-    PriorityUpdate, ProtocolError, SampleRequest, decode, decode_frame)
+    KINDS, PROTOCOL_VERSION, REASONS, BatchReady, DecodeLimits, Error, Gradients, Heartbeat, Info, InfoRequest, Insert,
+    InsertRef, InsertSpec, PriorityUpdate, ProtocolError, SampleRequest, decode, decode_frame)
 from apex_local.transport.codec import join_parts, split_frame
 
 K, A, FRAME = 4, 6, (5, 7)
@@ -73,6 +73,8 @@ EXAMPLES = [
                                                 "note": "warming up", "mean_return": None}),
     Heartbeat(sender="actor.1", weights_version=4, incarnation=2**62),
     Error(sender="replay.0", request_id=8, reason="not_ready", detail="replay below min_size", retry_after_ms=200),
+    InsertRef(sender="actor.3", weights_version=7, ring="actor3", nonce=2**62 + 5, start=4096, nbytes=391_000,
+              end=4096 + 391_040),
 ]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from apex_local.transport import Insert, endpoints
+from apex_local.transport import Insert, InsertRef, endpoints
 from apex_local.transport.codec import join_parts
 
 pytestmark = pytest.mark.timeout(420)
@@ -64,6 +64,11 @@ def _garbage(cfg, spec_frame_shape):
         "bad_shape": [[Insert(actor_id=9, chunk=wrong_shape).to_frame()]],
         "non_finite": [[Insert(actor_id=9, chunk=nan).to_frame()]],
         "bad_dtype": [[Insert(actor_id=9, chunk=wrong_dtype).to_frame()]],
+        # references into insert rings: a path for a ring id, a ring nobody made, and the good
+        # actor's ring with a made-up nonce (it must not disturb that actor's own references)
+        "bad_ref": [[InsertRef(ring="../../etc/passwd", nonce=1, start=0, nbytes=64, end=64).to_frame()]],
+        "stale_ref": [[InsertRef(ring="nosuch", nonce=1, start=0, nbytes=64, end=64).to_frame()],
+                      [InsertRef(ring="actor0", nonce=12345, start=0, nbytes=64, end=64).to_frame()]],
     }
 
 
@@ -93,6 +98,8 @@ def test_replay_drops_bad_messages_while_a_good_actor_continues(topo, kind):
             f"rejections counted as {reason}")
     t.wait_for(lambda: t.metrics("replay").get("apex_replay_inserted_total", 0) > before + 200, 60,
                "good inserts continuing")
+    # the actor's inserts came through its shared-memory insert ring (ipc, and tcp on loopback)
+    assert t.metrics("replay").get("apex_replay_ring_messages_total", 0) > 0, t.dump()
     push.close()
     ctx.term()
     codes = t.stop(signal.SIGTERM)
@@ -113,6 +120,7 @@ def test_pong_pixels_flow_through_shared_memory(topo):
     rep = t.metrics("replay")
     assert rep.get("apex_replay_rejected_messages_total", 0) == 0, t.dump()
     assert rep["apex_replay_size"] >= 300
+    assert rep["apex_replay_ring_messages_total"] > 0  # the frames came through the actor's insert ring
     codes = t.stop(signal.SIGTERM)
     assert all(code == 0 for code, _ in codes.values()), (codes, t.dump())
     assert t.leftovers() == []

@@ -26,6 +26,7 @@ from apex_local.metrics import NullRecorder, Recorder
 from apex_local.networks import load_flat_parameters, make_network, num_flat_parameters
 from apex_local.roles.gorila_replay import insert_route
 from apex_local.transport import Insert, WeightsBoard, endpoints, make_socket, new_context, segment_name, send_message
+from apex_local.transport.insert_ring import InsertRingWriter, insert_frame, ring_enabled
 from apex_local.transport.shm import ShmError
 
 
@@ -45,6 +46,8 @@ class ActorService:
         self.route = insert_route(cfg, run_id, index)  # Gorila local replay: the learner this actor feeds
         self.push = make_socket(self.ctx, "push", cfg.transport,
                                 connect=self.route.endpoint if self.route else endpoints(cfg, run_id)["replay"])
+        self.ring: InsertRingWriter | None = None
+        self._open_ring()
         if cfg.transport.weights_transport == "pub":  # remote actor: weights from the learner's PUB, not shm
             from apex_local.transport import WeightsSubscriber
 
@@ -57,6 +60,19 @@ class ActorService:
         self.blocked_seconds = 0.0
         self.venv = None
         self._build_env()
+
+    def _open_ring(self) -> None:
+        """This actor's shared-memory insert ring (a new instance each call: a replay still
+        draining the old one never races the new), or None: inserts go inline."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        if not ring_enabled(self.cfg.transport):
+            return
+        try:
+            self.ring = InsertRingWriter(self.run_id, f"actor{self.index}", self.cfg.transport.insert_ring_mb << 20)
+        except ShmError as exc:  # e.g. /dev/shm too small: inline inserts still work
+            self.log(f"no insert ring ({exc}); sending inserts inline")
 
     # ------------------------------------------------------------------ env
     def _build_env(self) -> None:
@@ -150,6 +166,7 @@ class ActorService:
         self.push = make_socket(self.ctx, "push", self.cfg.transport, connect=self.route.endpoint)
         self.acc.flush()
         self.acc.reset(self.obs)
+        self._open_ring()
         self.log(f"feeding learner {self.route.learner}'s replay ({self.route.endpoint})")
 
     def flush(self, shutdown) -> None:
@@ -169,7 +186,7 @@ class ActorService:
                      env_steps=self.unreported_steps, episode_returns=self.pending_returns[:256],
                      episode_lengths=self.pending_lengths[:256], chunk=chunk)
         t0 = time.monotonic()
-        frame = msg.to_frame()  # encoded once: a send that times out is retried with the same frame
+        frame = insert_frame(msg, self.ring)  # encoded once: a send that times out is retried with it
         while not send_message(self.push, frame):  # SNDTIMEO expired: replay slow or gone
             now = time.monotonic()  # count blocked time as it accrues, so a stall shows while it lasts
             self.blocked_seconds += now - t0
@@ -191,5 +208,8 @@ class ActorService:
             self.board.close()  # before term: a weights SUB socket would keep it waiting
         self.push.close(linger=0)
         self.ctx.term()
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
         if self.venv is not None:
             self.venv.close()

@@ -32,8 +32,9 @@ import numpy as np
 from apex_local.config import Config
 from apex_local.metrics import NullRecorder, Recorder
 from apex_local.replay import make_replay
-from apex_local.roles.replay_server import drain_inserts, insert_spec
-from apex_local.transport import DecodeLimits, TransportError, make_socket, wait_readable
+from apex_local.roles.replay_server import drain_inserts, insert_limits
+from apex_local.transport.insert_ring import RING_REASONS, InsertRingReader
+from apex_local.transport import TransportError, make_socket, wait_readable
 from apex_local.transport.sockets import ipc_endpoint
 from apex_local.transport.codec import REASONS
 from apex_local.transport.rundir import process_alive, run_paths
@@ -124,14 +125,14 @@ class LocalReplay:
         self.rec = recorder or NullRecorder()
         self.replay = make_replay(cfg, spec.frame_shape, spec.obs_dtype, spec.frame_stack, spec.num_actions,
                                   rng=np.random.default_rng(cfg.run.seed + 7 + 1009 * (index + 1)))
-        self.limits = DecodeLimits(max_message_bytes=cfg.transport.max_message_bytes,
-                                   insert=insert_spec(cfg, spec), kinds=frozenset({"insert"}))
+        self.limits = insert_limits(cfg, spec)
+        self.rings = InsertRingReader(run_id)
         self.endpoint = learner_replay_endpoint(cfg, run_id, index)
         self.pull = make_socket(ctx, "pull", cfg.transport, bind=self.endpoint)
         self.env_steps = self.episodes = 0
         self.rejected: dict[str, int] = {}
         self.rec.set("apex_learner_replay_capacity", self.replay.capacity)
-        for reason in REASONS + ("bad_chunk",):
+        for reason in REASONS + RING_REASONS + ("bad_chunk",):
             self.rec.inc("apex_learner_replay_rejected_messages_total", 0, reason=reason)
 
     def _reject(self, reason: str, detail: str) -> None:
@@ -143,7 +144,7 @@ class LocalReplay:
     def drain(self) -> int:
         """Insert what arrived (at most MAX_MESSAGES_PER_TICK messages); returns items inserted."""
         items = 0
-        for msg, n in drain_inserts(self.pull, self.limits, self.replay, self._reject):
+        for msg, n in drain_inserts(self.pull, self.limits, self.replay, self._reject, rings=self.rings):
             items += n
             self.env_steps += msg.env_steps
             self.episodes += len(msg.episode_returns)
@@ -175,6 +176,7 @@ class LocalReplay:
                 "rejected": int(sum(self.rejected.values()))}
 
     def close(self) -> None:
+        self.rings.close()
         self.pull.close(linger=0)
         if self.endpoint.startswith("ipc://"):  # ZMQ leaves ipc socket files behind
             try:

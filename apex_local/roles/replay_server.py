@@ -29,6 +29,8 @@ from apex_local.transport import (BatchReady, BatchSlots, DecodeLimits, Error, H
                                   check_free_space, endpoints, make_socket, new_context, recv_message, segment_name,
                                   send_message, wait_readable)
 from apex_local.transport.codec import REASONS
+from apex_local.transport.insert_ring import RING_REASONS, InsertRingReader
+from apex_local.transport.protocol import InsertRef
 
 MAX_MESSAGES_PER_TICK = 64
 INSERT_GROUP = 8  # insert messages stored together (Replay.insert_many) when that many are queued
@@ -41,7 +43,15 @@ def insert_spec(cfg: Config, spec) -> InsertSpec:
     return InsertSpec.from_env(spec)
 
 
-def drain_inserts(pull, limits: DecodeLimits, replay, reject, group: int = INSERT_GROUP):
+def insert_limits(cfg: Config, spec) -> DecodeLimits:
+    """What an insert socket (replay server, Gorila local replay) accepts: inserts, and insert
+    references into actors' shared-memory insert rings (transport/insert_ring.py)."""
+    return DecodeLimits(max_message_bytes=cfg.transport.max_message_bytes, insert=insert_spec(cfg, spec),
+                        kinds=frozenset({"insert", "insert_ref"}))
+
+
+def drain_inserts(pull, limits: DecodeLimits, replay, reject, group: int = INSERT_GROUP,
+                  rings: InsertRingReader | None = None):
     """Actors' messages into ``replay``: up to MAX_MESSAGES_PER_TICK, while its rate limiter
     admits inserts. Yields (Insert, items stored) per stored message; a message that fails
     decoding (``limits``) or the table's chunk checks goes to ``reject(reason, detail)`` and
@@ -50,26 +60,39 @@ def drain_inserts(pull, limits: DecodeLimits, replay, reject, group: int = INSER
     Messages already queued are stored ``group`` at a time (``Replay.insert_many``: the same
     outcome per message as one by one, at a fraction of the cost). Before each read the limiter
     is asked for the items read but not yet stored plus one: what asking for one before each
-    message stored one by one amounts to when they all get stored, and stricter otherwise."""
+    message stored one by one amounts to when they all get stored, and stricter otherwise.
+
+    An `InsertRef` is decoded from its actor's insert ring (``rings``; without one it is
+    rejected as 'unknown_kind'); the ring space is handed back once its group is stored."""
     batch: list = []
     pending = 0
-    for _ in range(MAX_MESSAGES_PER_TICK):
-        if not replay.can_insert(pending + 1):
-            break
-        try:
-            got = recv_message(pull, limits)
-        except ProtocolError as exc:
-            reject(exc.reason, exc.detail)
-            continue
-        if got is None:
-            break
-        msg = got[1]
-        batch.append(msg)
-        pending += len(msg.chunk["stream"])
-        if len(batch) >= group:
-            yield from _store_batch(replay, batch, reject)
-            batch, pending = [], 0
-    yield from _store_batch(replay, batch, reject)
+    try:
+        for _ in range(MAX_MESSAGES_PER_TICK):
+            if not replay.can_insert(pending + 1):
+                break
+            try:
+                got = recv_message(pull, limits)
+                if got is None:
+                    break
+                msg = got[1]
+                if isinstance(msg, InsertRef):
+                    if rings is None:
+                        raise ProtocolError("unknown_kind", "insert_ref: this replay reads no insert rings")
+                    msg = rings.resolve(msg, limits)
+            except ProtocolError as exc:
+                reject(exc.reason, exc.detail)
+                continue
+            batch.append(msg)
+            pending += len(msg.chunk["stream"])
+            if len(batch) >= group:
+                yield from _store_batch(replay, batch, reject)
+                batch, pending = [], 0
+                if rings is not None:
+                    rings.release()
+        yield from _store_batch(replay, batch, reject)
+    finally:
+        if rings is not None:
+            rings.release()
 
 
 def _store_batch(replay, batch: list, reject):
@@ -110,8 +133,8 @@ class ReplayServer:
         except BaseException:
             self.close()
             raise
-        self.insert_limits = DecodeLimits(max_message_bytes=t.max_message_bytes, insert=insert_spec(cfg, spec),
-                                          kinds=frozenset({"insert"}))
+        self.insert_limits = insert_limits(cfg, spec)
+        self.rings = InsertRingReader(run_id)
         self.request_limits = DecodeLimits(max_message_bytes=t.max_message_bytes,
                                            kinds=frozenset({"sample_request", "priority_update", "info_request",
                                                             "heartbeat"}))
@@ -121,9 +144,10 @@ class ReplayServer:
         self.incarnations: dict[str, int] = {}  # heartbeat sender -> incarnation
         self.rejected: dict[str, int] = {}
         self.rec.set("apex_replay_capacity", r.capacity)
-        for reason in REASONS + ("bad_chunk",):
+        for reason in REASONS + RING_REASONS + ("bad_chunk",):
             self.rec.inc("apex_replay_rejected_messages_total", 0, reason=reason)
         self.rec.inc("apex_replay_gap_items_total", 0)
+        self.rec.inc("apex_replay_ring_messages_total", 0)
         self._gap_logs = 0
         self._answer_within = max(0.005, t.request_timeout_ms / 2000.0)
         self.snapshot_path = run_dir(cfg) / SNAPSHOT_NAME
@@ -235,7 +259,8 @@ class ReplayServer:
             self.log(f"dropped a message ({reason}, {self.rejected[reason]} so far): {detail[:200]}")
 
     def _drain_inserts(self) -> None:
-        for msg, n in drain_inserts(self.pull, self.insert_limits, self.replay, self._reject):
+        before = self.rings.resolved
+        for msg, n in drain_inserts(self.pull, self.insert_limits, self.replay, self._reject, rings=self.rings):
             self.env_steps += msg.env_steps
             self.episodes += len(msg.episode_returns)
             self.rec.inc("apex_replay_inserted_total", n)
@@ -248,6 +273,8 @@ class ReplayServer:
                     self.log(f"actor {msg.actor_id}: skipped {lost} items referencing frames this replay never "
                              "got (it restarted while the actor ran); the stream continues")
             self.rec.inc("apex_replay_env_steps_total", msg.env_steps)
+        if self.rings.resolved != before:
+            self.rec.inc("apex_replay_ring_messages_total", self.rings.resolved - before)
 
     def _drain_requests(self) -> None:
         for _ in range(MAX_MESSAGES_PER_TICK):
@@ -312,9 +339,11 @@ class ReplayServer:
         return {"size": int(self.replay.size), "capacity": int(self.replay.capacity),
                 "inserted": int(self.replay.inserted), "sampled": int(self.replay.sampled),
                 "env_steps": int(self.env_steps), "episodes": int(self.episodes),
-                "rejected": int(sum(self.rejected.values()))}
+                "rejected": int(sum(self.rejected.values())), "ring_messages": int(self.rings.resolved)}
 
     def close(self) -> None:
+        if getattr(self, "rings", None) is not None:
+            self.rings.close()
         for s in (self.pull, self.router):
             if s is not None:
                 s.close(linger=0)
@@ -330,4 +359,4 @@ class ReplayServer:
         self._alloc.close()
 
 
-__all__ = ["ReplayServer", "beta_schedule", "drain_inserts", "insert_spec"]
+__all__ = ["ReplayServer", "beta_schedule", "drain_inserts", "insert_limits", "insert_spec"]

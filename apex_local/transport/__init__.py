@@ -4,6 +4,7 @@ The only package that imports zmq. Modules:
 
 * `codec` / `protocol` / `insert_spec`: typed messages, msgpack header + raw array parts in one ZMQ frame,
   validated on decode (`ProtocolError.reason` is a metrics label).
+* `insert_ring`: an actor's inserts through its shared-memory ring, only a reference over ZMQ.
 * `shm`: /dev/shm segments (`Segment`, `allocator` for replay storage, free-space checks).
 * `rundir`: the run's 0700 ipc directory, pid files, and the janitor `clean`.
 * `board`: the seqlock weights board (+ a PUB/SUB variant for remote actors).
@@ -18,7 +19,7 @@ from apex_local.transport.curve import (
 from apex_local.transport.codec import PROTOCOL_VERSION, REASONS, DecodeLimits, ProtocolError
 from apex_local.transport.insert_spec import InsertSpec
 from apex_local.transport.protocol import (
-    KINDS, BatchReady, Error, Gradients, Heartbeat, Info, InfoRequest, Insert, Message, PriorityUpdate, SampleRequest,
+    KINDS, BatchReady, Error, Gradients, Heartbeat, Info, InfoRequest, Insert, InsertRef, Message, PriorityUpdate, SampleRequest,
     decode, decode_frame)
 from apex_local.transport.rundir import CleanReport, PidFile, RunPaths, clean, register_process, run_paths
 from apex_local.transport.shm import (
@@ -29,7 +30,7 @@ from apex_local.transport.sockets import (
     wait_readable)
 
 __all__ = [
-    "PROTOCOL_VERSION", "REASONS", "DecodeLimits", "ProtocolError", "InsertSpec", "KINDS", "Message", "Insert",
+    "PROTOCOL_VERSION", "REASONS", "DecodeLimits", "ProtocolError", "InsertSpec", "KINDS", "Message", "Insert", "InsertRef",
     "SampleRequest", "BatchReady", "PriorityUpdate", "Gradients", "InfoRequest", "Info", "Heartbeat", "Error", "decode",
     "decode_frame",
     "Segment", "ShmAllocator", "ShmError", "allocator", "check_free_space", "ndarray_view", "segment_name",

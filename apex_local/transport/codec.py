@@ -57,6 +57,12 @@ REASONS = (
     "bad_value",         # a value out of its domain (action >= num_actions, discount > 1, ...)
 )
 
+# rejection reasons of an insert_ref beyond those of the message it points at (insert_ring.py)
+RING_REASONS = (
+    "stale_ref",  # an insert_ref into an insert ring that is gone or was replaced
+    "bad_ref",    # an insert_ref whose ring id or positions cannot be right
+)
+
 # Header limits for msgpack's C unpacker: no allocation larger than these, whatever the
 # header claims (a map claiming 2**31 entries fails before anything is allocated).
 _MAX_STR = 4096
@@ -74,7 +80,7 @@ class ProtocolError(ValueError):
     identity: bytes | None = None
 
     def __init__(self, reason: str, detail: str) -> None:
-        if reason not in REASONS:  # pragma: no cover - programming error
+        if reason not in REASONS and reason not in RING_REASONS:  # pragma: no cover - programming error
             raise ValueError(f"unknown ProtocolError reason {reason!r}")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
@@ -130,24 +136,40 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def join_parts(parts: Sequence[Any]) -> np.ndarray:
-    """The one ZMQ frame that carries ``parts`` (header bytes, then arrays): the envelope in the
-    module docstring. One copy of the arrays (the price of never sending a multipart message)."""
-    views = [as_buffer(p) for p in parts]
+def _layout(views: Sequence[memoryview]) -> tuple[int, list[int], int]:
     head = _ENVELOPE.size + 8 * len(views)
     offsets, end = [], _aligned(head)
     for v in views:
         offsets.append(end)
         end = _aligned(end + v.nbytes)
-    size = offsets[-1] + views[-1].nbytes if views else head
-    arr = np.empty(size, np.uint8)  # not zero-filled: every byte is written once below
-    out = memoryview(arr)
-    _ENVELOPE.pack_into(out, 0, _MAGIC, len(views))
-    struct.pack_into(f"<{len(views)}Q", out, _ENVELOPE.size, *(v.nbytes for v in views))
+    return head, offsets, (offsets[-1] + views[-1].nbytes if views else head)
+
+
+def envelope_size(parts: Sequence[Any]) -> int:
+    """Bytes of the frame `join_parts` makes of ``parts``."""
+    return _layout([as_buffer(p) for p in parts])[2]
+
+
+def join_parts(parts: Sequence[Any], out: np.ndarray | None = None) -> np.ndarray:
+    """The one ZMQ frame that carries ``parts`` (header bytes, then arrays): the envelope in the
+    module docstring. One copy of the arrays (the price of never sending a multipart message).
+    ``out``: write it there (a uint8 array of exactly `envelope_size` bytes, e.g. an insert
+    ring's, `insert_ring.py`) instead of a new array."""
+    views = [as_buffer(p) for p in parts]
+    head, offsets, size = _layout(views)
+    if out is None:
+        arr = np.empty(size, np.uint8)  # not zero-filled: every byte is written once below
+    elif out.dtype != np.uint8 or out.shape != (size,):
+        raise ValueError(f"join_parts: out must be uint8 ({size},), got {out.dtype} {out.shape}")
+    else:
+        arr = out
+    buf = memoryview(arr)
+    _ENVELOPE.pack_into(buf, 0, _MAGIC, len(views))
+    struct.pack_into(f"<{len(views)}Q", buf, _ENVELOPE.size, *(v.nbytes for v in views))
     pos = head
     for off, v in zip(offsets, views):
         arr[pos:off] = 0  # padding
-        out[off:off + v.nbytes] = v
+        buf[off:off + v.nbytes] = v
         pos = off + v.nbytes
     return arr
 

@@ -6,6 +6,9 @@ kind               direction                   carries
 insert             actor -> replay (PUSH)      the insert chunk (docs/architecture.md) as
                                                arrays; actor_id, env_steps since the last
                                                report, finished episodes (return, length)
+insert_ref         actor -> replay (PUSH)      an insert whose frame lies in the actor's
+                                               shared-memory insert ring (insert_ring.py):
+                                               ring, nonce, start, nbytes, end
 sample_request     learner -> replay (DEALER)  request_id, batch_size, beta
 batch_ready        replay -> learner (ROUTER)  request_id, slot_id, slot_seq, epoch,
                                                batch_size; optional arrays index,
@@ -37,7 +40,7 @@ from apex_local.transport.codec import (
     wire_array)
 from apex_local.transport.insert_spec import InsertSpec
 
-__all__ = ["Message", "Insert", "SampleRequest", "BatchReady", "PriorityUpdate", "Gradients", "InfoRequest", "Info",
+__all__ = ["Message", "Insert", "InsertRef", "SampleRequest", "BatchReady", "PriorityUpdate", "Gradients", "InfoRequest", "Info",
            "Heartbeat", "Error", "KINDS", "decode", "decode_frame", "decode_received", "DEFAULT_LIMITS", "InsertSpec"]
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -113,6 +116,28 @@ class Insert(Message):
         limits.insert.check(arrays)
         return cls(actor_id=get_int(h, "actor_id", 0, 1 << 20), env_steps=get_int(h, "env_steps", 0, 1 << 40),
                    episode_returns=rets, episode_lengths=lens, chunk=arrays, **base)
+
+
+@dataclass(kw_only=True, eq=False)
+class InsertRef(Message):
+    """An `Insert` whose one-frame envelope the sender wrote into its insert ring
+    ``apex_<run>_ins_<ring>`` at absolute position ``start`` (``nbytes`` long; ``end``: where the
+    ring is free up to once it is stored). The consumer decodes it from there (insert_ring.py)."""
+    KIND: ClassVar[str] = "insert_ref"
+    ring: str = ""
+    nonce: int = 0
+    start: int = 0
+    nbytes: int = 0
+    end: int = 0
+
+    def fields(self):
+        return {"ring": self.ring, "nonce": int(self.nonce), "start": int(self.start), "nbytes": int(self.nbytes),
+                "end": int(self.end)}
+
+    @classmethod
+    def from_wire(cls, h, arrays, limits, **base):
+        return cls(ring=get_str(h, "ring"), nonce=get_int(h, "nonce"), start=get_int(h, "start"),
+                   nbytes=get_int(h, "nbytes", 1, limits.max_message_bytes), end=get_int(h, "end"), **base)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -295,7 +320,7 @@ class Error(Message):
 
 
 KINDS: dict[str, type[Message]] = {c.KIND: c for c in (
-    Insert, SampleRequest, BatchReady, PriorityUpdate, Gradients, InfoRequest, Info, Heartbeat, Error)}
+    Insert, InsertRef, SampleRequest, BatchReady, PriorityUpdate, Gradients, InfoRequest, Info, Heartbeat, Error)}
 
 
 def decode_frame(frame: Any, limits: DecodeLimits = DEFAULT_LIMITS) -> Message:

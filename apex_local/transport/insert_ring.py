@@ -1,0 +1,245 @@
+"""Insert rings: an actor's insert messages through shared memory, only a reference over ZMQ.
+
+An actor on the replay's host writes each encoded `Insert` (the same one-frame envelope that
+would go over the socket, `codec.join_parts`) into its own ring segment
+``apex_<run>_ins_<ring>`` and pushes a small `InsertRef` (ring, nonce, start, nbytes, end)
+instead. The consumer (replay server, Gorila local replay) decodes the message straight out
+of the ring (zero-copy, with every check of the inline path) and, once the message is stored,
+publishes how far it has consumed. What this saves per Pong message of 50 transitions (~390 KB):
+the copy into a fresh ZMQ frame, both I/O threads' socket copies and the receiver's allocation
+(docs/architecture.md, "Insert rings").
+
+Ring segment layout (little-endian)::
+
+    [0, 8)      magic b"APXRING1"
+    [8, 16)     nonce: u64, random per ring instance (an actor restart makes a new one)
+    [16, 24)    capacity: u64, bytes of the data area
+    [24, 32)    consumed: u64, absolute byte position up to which the consumer is done
+                (written by the consumer only)
+    [4096, 4096 + capacity)   data
+
+Positions are absolute byte counters (they only grow); a message occupies
+``[start, start + nbytes)`` at ``start % capacity`` and never wraps (the writer skips the tail
+of the ring instead), and ``end`` (what ``consumed`` becomes once it is done) includes that
+skipped tail and the 64-byte alignment. The writer reuses bytes only below ``consumed``, so a
+message is never overwritten before the consumer has stored it. When the ring has no room (a
+consumer that is slow, rate-limited or restarting), the writer returns None and the caller
+sends the message inline: a full ring never blocks more than the socket would.
+
+Ordering: one actor's messages arrive in order on its PUSH socket; the data is written before
+the reference is sent, and consumed is written after the message was stored (a syscall, the
+ZMQ send / receive, lies between each write and the other side's read).
+
+Lost references (a consumer that died with a queue) cost nothing: the next stored message's
+``end`` moves ``consumed`` past them. A route change (Gorila: another learner's replay) makes
+a new ring instance, so a consumer still draining the old one never races the new one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections import OrderedDict
+from dataclasses import replace
+import numpy as np
+
+from apex_local.transport.codec import RING_REASONS, ProtocolError, envelope_size, join_parts
+from apex_local.transport.shm import Segment, ShmError, segment_name
+
+__all__ = ["RING_REASONS", "InsertRingWriter", "InsertRingReader", "ring_segment_name", "HEADER_BYTES", "ring_enabled", "insert_frame"]
+
+MAGIC = b"APXRING1"
+HEADER_BYTES = 4096
+ALIGN = 64
+_HEAD = struct.Struct("<8sQQQ")  # magic, nonce, capacity, consumed
+_CONSUMED_AT = 24
+_RING_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_ATTACHED = 256  # rings a consumer keeps mapped (least recently used dropped beyond)
+
+
+def ring_segment_name(run_id: str, ring: str) -> str:
+    return segment_name(run_id, f"ins_{ring}")
+
+
+def ring_enabled(transport_cfg) -> bool:
+    """Rings need the replay on this host: ipc, or tcp to a loopback address without CURVE."""
+    t = transport_cfg
+    if getattr(t, "insert_ring_mb", 0) <= 0:
+        return False
+    if t.kind == "ipc":
+        return True
+    return t.host in ("127.0.0.1", "localhost", "::1") and not t.curve_server_cert
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class InsertRingWriter:
+    """The actor's side: ``put(parts) -> (start, nbytes, end)`` or None when the ring is full."""
+
+    def __init__(self, run_id: str, ring: str, capacity_bytes: int) -> None:
+        if not _RING_ID.match(ring):
+            raise ValueError(f"ring id {ring!r}: use 1-64 characters of [A-Za-z0-9_.-]")
+        capacity = _aligned(int(capacity_bytes))
+        if capacity < 64 * 1024:
+            raise ValueError(f"insert ring of {capacity_bytes} bytes is too small (at least 64 KiB)")
+        self.ring, self.capacity = ring, capacity
+        self.nonce = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+        self.segment = Segment.create(ring_segment_name(run_id, ring), HEADER_BYTES + capacity, replace=True)
+        _HEAD.pack_into(self.segment.mmap, 0, MAGIC, self.nonce, capacity, 0)
+        self._consumed = np.ndarray((1,), np.uint64, buffer=self.segment.mmap, offset=_CONSUMED_AT)
+        self._data = np.ndarray((capacity,), np.uint8, buffer=self.segment.mmap, offset=HEADER_BYTES)
+        self.head = 0  # absolute position of the next write
+        self.written = self.full = 0  # messages put / refused for want of room
+
+    @property
+    def consumed(self) -> int:
+        return int(self._consumed[0])
+
+    def put(self, parts) -> tuple[int, int, int] | None:
+        """Write the envelope of ``parts`` (`Message.encode`); (start, nbytes, end), or None when
+        it does not fit in the free part of the ring now (the caller sends it inline)."""
+        nbytes = envelope_size(parts)
+        pos = self.head % self.capacity
+        start = self.head if pos + nbytes <= self.capacity else self.head + (self.capacity - pos)
+        end = start + _aligned(nbytes)
+        if end - self.consumed > self.capacity:
+            self.full += 1
+            return None
+        off = start % self.capacity
+        join_parts(parts, out=self._data[off:off + nbytes])
+        self.head = end
+        self.written += 1
+        return start, nbytes, end
+
+    def close(self) -> None:
+        self._consumed = self._data = None
+        self.segment.close()
+
+
+class _Attached:
+    __slots__ = ("segment", "nonce", "capacity", "data", "consumed", "last_end")
+
+    def __init__(self, segment: Segment, nonce: int, capacity: int) -> None:
+        self.segment, self.nonce, self.capacity = segment, nonce, capacity
+        self.data = memoryview(segment.mmap)[HEADER_BYTES:HEADER_BYTES + capacity]
+        self.consumed = np.ndarray((1,), np.uint64, buffer=segment.mmap, offset=_CONSUMED_AT)
+        self.last_end = int(self.consumed[0])
+
+    def close(self) -> None:
+        try:
+            self.data.release()
+        except BufferError:
+            pass  # arrays decoded from it are still alive: the mapping goes with the last of them
+        self.consumed = None
+        self.segment.close()
+
+
+class InsertRingReader:
+    """The consumer's side: ``view(ring, nonce, start, nbytes, end)`` -> the message bytes
+    (a memoryview into the ring, valid until ``release``), or `ProtocolError` ('stale_ref' for
+    a ring that is gone or was replaced, 'bad_ref' for positions that cannot be right)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.rings: OrderedDict[str, _Attached] = OrderedDict()
+        self._done: dict[str, int] = {}  # ring -> end of the newest message handled, not yet published
+        self._limits = None  # (the limits given, the same accepting only 'insert')
+        self.resolved = 0  # messages decoded from a ring
+
+    def _attach(self, ring: str, nonce: int) -> _Attached:
+        got = self.rings.get(ring)
+        if got is not None and got.nonce == nonce:
+            self.rings.move_to_end(ring)
+            return got
+        if got is not None:  # the actor made a new ring instance (restart, route change)
+            self._publish(ring)
+            got.close()
+            del self.rings[ring]
+        try:
+            seg = Segment.attach(ring_segment_name(self.run_id, ring))
+        except ShmError as exc:
+            raise ProtocolError("stale_ref", f"insert ring {ring!r}: {exc}") from None
+        try:
+            magic, seg_nonce, capacity, _ = _HEAD.unpack_from(seg.mmap, 0) if seg.size >= _HEAD.size else (b"",) * 4
+            if magic != MAGIC or seg.size != HEADER_BYTES + capacity:
+                raise ProtocolError("bad_ref", f"insert ring {ring!r} is not an insert ring of this version "
+                                               f"({seg.size} bytes)")
+            if seg_nonce != nonce:
+                raise ProtocolError("stale_ref", f"insert ring {ring!r} was replaced (the actor restarted or "
+                                                 "changed its replay): a reference into the old ring")
+        except BaseException:
+            seg.close()
+            raise
+        att = _Attached(seg, nonce, capacity)
+        self.rings[ring] = att
+        while len(self.rings) > MAX_ATTACHED:
+            old, a = self.rings.popitem(last=False)
+            self._publish(old, a)
+            a.close()
+        return att
+
+    def view(self, ring: str, nonce: int, start: int, nbytes: int, end: int) -> memoryview:
+        if not _RING_ID.match(ring):
+            raise ProtocolError("bad_ref", f"insert ring id {ring[:64]!r} is not a ring id")
+        att = self._attach(ring, nonce)
+        off = start % att.capacity
+        if not (0 < nbytes <= att.capacity and off + nbytes <= att.capacity and start % ALIGN == 0
+                and end == start + _aligned(nbytes) and start >= att.last_end
+                and end - att.last_end <= att.capacity):
+            raise ProtocolError("bad_ref", f"insert ring {ring!r}: reference [{start}, +{nbytes}) end {end} does not "
+                                           f"fit a {att.capacity}-byte ring consumed up to {att.last_end}")
+        att.last_end = end
+        self._done[ring] = end
+        return att.data[off:off + nbytes]
+
+    def resolve(self, ref, limits):
+        """The `Insert` the `InsertRef` ``ref`` points at, decoded from the ring with every check
+        of the inline path (``limits``, restricted to 'insert'); `ProtocolError` for a bad
+        reference or a bad message. Its arrays are views into the ring, valid until `release`."""
+        from apex_local.transport.protocol import decode_frame
+
+        if self._limits is None or self._limits[0] is not limits:
+            self._limits = (limits, replace(limits, kinds=frozenset({"insert"})))
+        msg = decode_frame(self.view(ref.ring, ref.nonce, ref.start, ref.nbytes, ref.end), self._limits[1])
+        if msg.KIND != "insert":  # pragma: no cover - the limits admit inserts only
+            raise ProtocolError("unknown_kind", f"insert ring {ref.ring!r} holds a {msg.KIND!r} message")
+        self.resolved += 1
+        return msg
+
+    def release(self) -> None:
+        """Publish ``consumed`` for every ring read since the last call: call once the messages
+        viewed are stored (their arrays are no longer needed)."""
+        for ring in list(self._done):
+            self._publish(ring)
+
+    def _publish(self, ring: str, att: _Attached | None = None) -> None:
+        end = self._done.pop(ring, None)
+        att = att or self.rings.get(ring)
+        if end is not None and att is not None and att.consumed is not None:
+            att.consumed[0] = end
+
+    def close(self) -> None:
+        self.release()
+        for a in self.rings.values():
+            a.close()
+        self.rings.clear()
+
+    def __repr__(self) -> str:  # pragma: no cover
+        return f"InsertRingReader({len(self.rings)} rings attached)"
+
+
+def insert_frame(msg, writer: InsertRingWriter | None) -> np.ndarray:
+    """The frame to push for the `Insert` ``msg``: an `InsertRef` when ``writer``'s ring takes the
+    message, else the message itself (no ring, or the ring is full for now)."""
+    from apex_local.transport.protocol import InsertRef
+
+    parts = msg.encode()
+    if writer is not None:
+        got = writer.put(parts)
+        if got is not None:
+            start, nbytes, end = got
+            return InsertRef(sender=msg.sender, weights_version=msg.weights_version, ring=writer.ring,
+                             nonce=writer.nonce, start=start, nbytes=nbytes, end=end).to_frame()
+    return join_parts(parts)

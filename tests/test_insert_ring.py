@@ -1,0 +1,305 @@
+"""Insert rings (transport/insert_ring.py): an actor's insert messages through its shared-memory
+ring, a reference over ZMQ. Positions, wrap-around, a full ring, every bad reference, a ring
+replaced under the same name, and a real PUSH/PULL drain whose stored state equals inline
+inserts."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+import zmq
+
+from apex_local.config import load_config
+from apex_local.replay import make_replay
+from apex_local.roles.replay_server import drain_inserts, insert_limits
+from apex_local.transport import Insert, InsertRef, InsertSpec, ProtocolError, decode_frame
+from apex_local.transport.codec import DecodeLimits, envelope_size, join_parts
+from apex_local.transport.insert_ring import (
+    ALIGN, HEADER_BYTES, InsertRingReader, InsertRingWriter, insert_frame, ring_enabled, ring_segment_name)
+from apex_local.transport.shm import Segment
+from test_replay_insert_many import assert_same_state
+
+RING = 64 * 1024  # the smallest ring
+
+
+@pytest.fixture
+def run_id():
+    rid = f"tring{uuid.uuid4().hex[:10]}"
+    yield rid
+    left = [f for f in os.listdir("/dev/shm") if f.startswith(f"apex_{rid}_")]
+    for f in left:
+        os.unlink(os.path.join("/dev/shm", f))
+    assert left == [], f"segments left behind: {left}"
+
+
+def blob(n: int, fill: int) -> list:
+    """Message parts whose envelope is a little over ``n`` bytes."""
+    return [b"h" * 8, np.full(n, fill, np.uint8)]
+
+
+def test_put_then_view_gives_the_envelope_zero_copy(run_id):
+    w, r = InsertRingWriter(run_id, "a0", RING), InsertRingReader(run_id)
+    try:
+        parts = blob(1000, 7)
+        start, nbytes, end = w.put(parts)
+        assert (start, nbytes) == (0, envelope_size(parts)) and end == -(-nbytes // ALIGN) * ALIGN
+        view = r.view("a0", w.nonce, start, nbytes, end)
+        assert bytes(view) == bytes(join_parts(parts))
+        assert np.shares_memory(np.frombuffer(view, np.uint8), np.frombuffer(r.rings["a0"].segment.mmap, np.uint8))
+        w._data[start + nbytes - 1] = 99  # the writer's mapping and the reader's are the same memory
+        assert view[-1] == 99
+        assert w.consumed == 0  # nothing published before release
+        r.release()
+        assert w.consumed == end
+    finally:
+        r.close()
+        w.close()
+
+
+def test_positions_wrap_without_splitting_a_message_and_reuse_consumed_space(run_id):
+    w, r = InsertRingWriter(run_id, "a0", RING), InsertRingReader(run_id)
+    try:
+        seen = []
+        for i in range(40):  # ~20 KiB messages: 3 per lap of a 64 KiB ring, wrapping many times
+            parts = blob(20_000 + 97 * i, i)
+            got = w.put(parts)
+            assert got is not None, i
+            start, nbytes, end = got
+            assert start % RING + nbytes <= RING and start % ALIGN == 0  # never split at the end
+            assert not seen or start >= seen[-1][2]  # absolute positions only grow
+            view = r.view("a0", w.nonce, start, nbytes, end)
+            assert bytes(view) == bytes(join_parts(parts)), i
+            seen.append(got)
+            r.release()
+            assert w.consumed == end
+        assert seen[-1][2] > 10 * RING
+    finally:
+        r.close()
+        w.close()
+
+
+def test_a_full_ring_refuses_and_the_message_goes_inline(run_id):
+    w, r = InsertRingWriter(run_id, "a0", RING), InsertRingReader(run_id)
+    try:
+        got = [w.put(blob(20_000, i)) for i in range(3)]
+        assert all(g is not None for g in got)
+        assert w.put(blob(20_000, 3)) is None and w.full == 1  # 3 x ~20 KiB in flight: no room
+        assert w.put(blob(RING, 0)) is None  # bigger than the ring: never fits
+        # insert_frame: the same refusal sends the message itself
+        msg = Insert(sender="actor.0", actor_id=0, chunk={"frames": np.zeros((3, 84, 84), np.uint8)})
+        frame = insert_frame(msg, w)
+        assert bytes(frame) == bytes(msg.to_frame())
+        # the consumer handles the first: its space comes back, in order
+        r.view("a0", w.nonce, *got[0])
+        r.release()
+        assert w.put(blob(20_000, 4)) is not None
+    finally:
+        r.close()
+        w.close()
+
+
+def test_insert_frame_sends_a_reference_the_reader_resolves(run_id):
+    spec = InsertSpec((4,), np.float32, 1, 2)
+    limits = DecodeLimits(insert=spec, kinds=frozenset({"insert", "insert_ref"}))
+    chunk = {"frames": np.arange(12, dtype=np.float32).reshape(3, 4), "frame_stream": np.zeros(3, np.int32),
+             "frame_seq": np.arange(3, dtype=np.int64), "stream": np.zeros(2, np.int32),
+             "obs_seq": np.array([[0], [1]], np.int64), "next_seq": np.array([[1], [2]], np.int64),
+             "action": np.array([0, 1]), "reward": np.ones(2, np.float32), "discount": np.full(2, .99, np.float32)}
+    msg = Insert(sender="actor.0", weights_version=3, actor_id=0, env_steps=2, episode_returns=[5.0],
+                 episode_lengths=[2], chunk=chunk)
+    w, r = InsertRingWriter(run_id, "actor0", RING), InsertRingReader(run_id)
+    try:
+        ref = decode_frame(insert_frame(msg, w), limits)
+        assert isinstance(ref, InsertRef) and (ref.ring, ref.nonce) == ("actor0", w.nonce)
+        out = r.resolve(ref, limits)
+        assert isinstance(out, Insert) and out.fields() == msg.fields() and out.weights_version == 3
+        for k, a in chunk.items():
+            assert np.array_equal(out.chunk[k], a) and out.chunk[k].dtype == a.dtype, k
+        assert r.resolved == 1
+        # a ring holds what the inline path would check: a bad message in it is rejected the same way
+        bad = Insert(actor_id=0, chunk=dict(chunk, reward=np.array([np.nan, 1], np.float32)))
+        ref = decode_frame(insert_frame(bad, w), limits)
+        with pytest.raises(ProtocolError) as info:
+            r.resolve(ref, limits)
+        assert info.value.reason == "non_finite"
+        r.release()  # the bad message's space is handed back too
+        assert w.consumed == ref.end
+    finally:
+        r.close()
+        w.close()
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("ring_id_is_a_path", "bad_ref"),
+    ("ring_id_empty", "bad_ref"),
+    ("no_such_ring", "stale_ref"),
+    ("wrong_nonce", "stale_ref"),
+    ("misaligned_start", "bad_ref"),
+    ("nbytes_zero", "bad_ref"),
+    ("nbytes_over_capacity", "bad_ref"),
+    ("crosses_the_end", "bad_ref"),
+    ("end_not_start_plus_aligned_nbytes", "bad_ref"),
+    ("before_the_last_one", "bad_ref"),
+    ("a_lap_ahead", "bad_ref"),
+    ("not_a_ring_segment", "bad_ref"),
+])
+def test_bad_references_are_rejected_by_reason(run_id, case, reason):
+    w, r = InsertRingWriter(run_id, "a0", RING), InsertRingReader(run_id)
+    other = None
+    try:
+        start, nbytes, end = w.put(blob(1000, 1))
+        r.view("a0", w.nonce, start, nbytes, end)  # a first good one: the reader is at `end`
+        s2, n2, e2 = w.put(blob(1000, 2))
+        args = {
+            "ring_id_is_a_path": ("../../x", w.nonce, s2, n2, e2),
+            "ring_id_empty": ("", w.nonce, s2, n2, e2),
+            "no_such_ring": ("a1", w.nonce, s2, n2, e2),
+            "wrong_nonce": ("a0", w.nonce ^ 1, s2, n2, e2),
+            "misaligned_start": ("a0", w.nonce, s2 + 8, n2, e2 + 8),
+            "nbytes_zero": ("a0", w.nonce, s2, 0, e2),
+            "nbytes_over_capacity": ("a0", w.nonce, s2, RING + 64, s2 + RING + 64),
+            "crosses_the_end": ("a0", w.nonce, RING - 64, 128, RING + 64),
+            "end_not_start_plus_aligned_nbytes": ("a0", w.nonce, s2, n2, e2 + ALIGN),
+            "before_the_last_one": ("a0", w.nonce, start, nbytes, end),
+            "a_lap_ahead": ("a0", w.nonce, e2 + RING, n2, e2 + RING + (e2 - s2)),
+            "not_a_ring_segment": ("junk", 0, 0, 64, 64),
+        }[case]
+        if case == "not_a_ring_segment":
+            other = Segment.create(ring_segment_name(run_id, "junk"), HEADER_BYTES + RING)
+        with pytest.raises(ProtocolError) as info:
+            r.view(*args)
+        assert info.value.reason == reason
+        assert bytes(r.view("a0", w.nonce, s2, n2, e2)) == bytes(join_parts(blob(1000, 2)))  # still serves a0
+    finally:
+        r.close()
+        w.close()
+        if other is not None:
+            other.close()
+
+
+def test_a_replaced_ring_is_reattached_and_old_references_are_stale(run_id):
+    w, r = InsertRingWriter(run_id, "a0", RING), InsertRingReader(run_id)
+    w2 = None
+    try:
+        old = w.put(blob(1000, 1))
+        r.view("a0", w.nonce, *old)
+        old2 = w.put(blob(1000, 2))
+        old_nonce = w.nonce
+        w.close()
+        w2 = InsertRingWriter(run_id, "a0", RING)  # the actor restarted (or changed replay)
+        assert w2.nonce != old_nonce
+        new = w2.put(blob(1000, 3))
+        assert bytes(r.view("a0", w2.nonce, *new)) == bytes(join_parts(blob(1000, 3)))
+        with pytest.raises(ProtocolError) as info:
+            r.view("a0", old_nonce, *old2)
+        assert info.value.reason == "stale_ref"
+    finally:
+        r.close()
+        if w2 is not None:
+            w2.close()
+
+
+def test_a_reader_keeps_serving_an_attached_ring_after_its_writer_exits(run_id):
+    """Messages still queued when an actor stops are stored (the mapping outlives the name)."""
+    w, r = InsertRingWriter(run_id, "a0", RING), InsertRingReader(run_id)
+    try:
+        first = w.put(blob(1000, 1))
+        r.view("a0", w.nonce, *first)
+        second, nonce = w.put(blob(1000, 2)), w.nonce
+        w.close()
+        assert not os.path.exists(os.path.join("/dev/shm", ring_segment_name(run_id, "a0")))
+        assert bytes(r.view("a0", nonce, *second)) == bytes(join_parts(blob(1000, 2)))
+    finally:
+        r.close()
+
+
+def test_ring_writer_checks_its_arguments(run_id):
+    with pytest.raises(ValueError, match="ring id"):
+        InsertRingWriter(run_id, "a/b", RING)
+    with pytest.raises(ValueError, match="too small"):
+        InsertRingWriter(run_id, "a0", 1000)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({}, True),  # ipc (the default): same host
+    ({"transport.insert_ring_mb": 0}, False),
+    ({"transport.kind": "tcp"}, True),  # 127.0.0.1
+    ({"transport.kind": "tcp", "transport.host": "10.0.0.2", "transport.allow_plaintext_remote": "true"},
+     False),  # a remote replay
+])
+def test_rings_are_used_only_when_the_replay_shares_this_host(overrides, expected):
+    cfg = load_config("configs/apex_cartpole.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    assert ring_enabled(cfg.transport) is expected
+
+
+def _chunks(n_msgs: int, seed: int = 0):
+    """Two actors' CartPole-like streams: frames once, 1-step transitions."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(n_msgs):
+        for actor in (0, 1):
+            seqs = np.arange(5 * j, 5 * j + 5, dtype=np.int64)
+            t = seqs[:-1] if j == 0 else np.arange(5 * j - 1, 5 * j + 4, dtype=np.int64)
+            out.append((actor, {
+                "frames": rng.standard_normal((5, 4)).astype(np.float32), "frame_stream": np.zeros(5, np.int32),
+                "frame_seq": seqs, "stream": np.zeros(t.size, np.int32), "obs_seq": t[:, None],
+                "next_seq": t[:, None] + 1, "action": rng.integers(0, 2, t.size),
+                "reward": np.ones(t.size, np.float32), "discount": np.full(t.size, 0.99, np.float32),
+                "priority": rng.random(t.size).astype(np.float32) + 0.1}))
+    return out
+
+
+def test_drain_over_push_pull_stores_the_same_as_inline_inserts(run_id):
+    """Refs (through rings), inline messages (a full ring) and garbage refs mixed on one socket:
+    the replay ends up exactly as if every good message had been inserted inline, the bad refs
+    are rejected by reason, and consumed moves past everything stored."""
+    cfg = load_config("configs/apex_cartpole.yaml", ["replay.capacity=400", "replay.min_size=1",
+                                                     "replay.samples_per_insert=0"])
+
+    class Spec:
+        frame_shape, obs_dtype, frame_stack, num_actions = (4,), np.dtype(np.float32), 1, 2
+
+    limits = insert_limits(cfg, Spec)
+    msgs = [Insert(sender=f"actor.{a}", actor_id=a, env_steps=5, chunk=c) for a, c in _chunks(30)]
+    ref_replay = make_replay(cfg, (4,), np.float32, 1, 2, rng=np.random.default_rng(1))
+    for m in msgs:
+        ref_replay.insert(m.actor_id, m.chunk)
+
+    replay = make_replay(cfg, (4,), np.float32, 1, 2, rng=np.random.default_rng(1))
+    writers = {a: InsertRingWriter(run_id, f"actor{a}", RING) for a in (0, 1)}
+    reader = InsertRingReader(run_id)
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    for s in (pull, push):
+        s.setsockopt(zmq.LINGER, 0)
+    rejected = []
+    try:
+        pull.bind("inproc://rings")
+        push.connect("inproc://rings")
+        sent_refs = 0
+        for i, m in enumerate(msgs):
+            if i % 7 == 3:  # garbage between the good ones
+                push.send(InsertRef(ring="actor9", nonce=1, start=0, nbytes=64, end=64).to_frame())
+            frame = insert_frame(m, writers[m.actor_id] if i % 5 else None)  # every 5th inline
+            sent_refs += decode_frame(frame, limits).KIND == "insert_ref"
+            push.send(frame)
+            if i % 4 == 3:  # the consumer keeps up now and then (rings of 64 KiB, ~1.2 KiB messages)
+                stored = list(drain_inserts(pull, limits, replay, lambda r, d: rejected.append(r), rings=reader))
+                assert all(n > 0 for _, n in stored)
+        while list(drain_inserts(pull, limits, replay, lambda r, d: rejected.append(r), rings=reader)):
+            pass
+        assert sent_refs > 0 and reader.resolved == sent_refs
+        assert rejected == ["stale_ref"] * sum(1 for i in range(len(msgs)) if i % 7 == 3)
+        assert replay.size == ref_replay.size and replay.inserted == ref_replay.inserted
+        assert_same_state(replay, ref_replay)
+        for w in writers.values():  # everything handed back
+            assert w.consumed == w.head
+    finally:
+        pull.close()
+        push.close()
+        ctx.term()
+        reader.close()
+        for w in writers.values():
+            w.close()
