@@ -26,9 +26,10 @@ from apex_local.replay.tables import SequenceTable, TransitionTable
 if TYPE_CHECKING:  # pragma: no cover
     from apex_local.config import Config
 
-# Replay.insert_many merges consecutive chunks up to this many frames (8 Ape-X chunks of 50
-# transitions; the per-chunk cost is flat from about 8 chunks on)
-INSERT_GROUP_FRAMES = 512
+# Replay.insert_many merges consecutive chunks up to this many frames (~18 Pong chunks of 50
+# transitions, 55 new frames each; per chunk, warm ring, best of 3 on the 2-core box: alone 324 us,
+# groups of 8 106 us, 12 91, 16 83, 24 95: python -m bench.bench_replay_insert_group)
+INSERT_GROUP_FRAMES = 1024
 
 __all__ = ["INSERT_GROUP_FRAMES", "RateLimitedError", "Replay", "SampleResult", "make_replay", "make_table", "replay_layout",
            "replay_nbytes"]

@@ -33,7 +33,7 @@ from apex_local.transport.insert_ring import RING_REASONS, InsertRingReader
 from apex_local.transport.protocol import InsertRef
 
 MAX_MESSAGES_PER_TICK = 64
-INSERT_GROUP = 8  # insert messages stored together (Replay.insert_many) when that many are queued
+INSERT_GROUP = 16  # insert messages stored together (Replay.insert_many) when that many are queued
 
 
 def insert_spec(cfg: Config, spec) -> InsertSpec:
