@@ -64,6 +64,8 @@ CATALOGUE: dict[str, MetricDef] = {
     "apex_learner_q_mean": MetricDef("gauge", "Mean Q-value of the latest batch"),
     "apex_learner_weights_version": MetricDef("gauge", "Version of the latest published weights"),
     "apex_learner_nonfinite_losses_total": MetricDef("counter", "Updates skipped because the loss was not finite"),
+    "apex_learner_discarded_batches_total": MetricDef(
+        "counter", "Updates discarded because their batch slot was reclaimed while the learner read it in place"),
     "apex_learner_batch_wait_seconds": MetricDef("histogram", "Time the learner waited for a batch", (), _LAT),
     "apex_learner_q_discrepancy": MetricDef("gauge", "R2D2 Q-value discrepancy, stored vs recomputed state"),
     # evaluator
@@ -117,7 +119,7 @@ _UNITS = {
     "apex_replay_snapshots_total": "snapshots", "apex_replay_snapshot_errors_total": "snapshots",
     "apex_learner_updates_total": "updates", "apex_learner_loss": "1", "apex_learner_td_abs_mean": "return",
     "apex_learner_q_mean": "return", "apex_learner_weights_version": "version",
-    "apex_learner_nonfinite_losses_total": "updates", "apex_learner_q_discrepancy": "ratio",
+    "apex_learner_nonfinite_losses_total": "updates", "apex_learner_discarded_batches_total": "updates", "apex_learner_q_discrepancy": "ratio",
     "apex_evaluator_return": "return", "apex_evaluator_human_normalized_score": "ratio",
     "apex_evaluator_weights_version": "version", "apex_evaluator_episodes_total": "episodes",
     "apex_paramserver_gradients_applied_total": "gradients", "apex_paramserver_gradients_dropped_total": "gradients",

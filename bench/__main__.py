@@ -93,9 +93,11 @@ def part_replay_peers(mode: str, stamp: str, img_dir: Path | None) -> str:
         f"{p['cycles']} x (sample 512 with alpha 0.6, beta 0.4 + update 512 priorities). In parentheses: the "
         "ratio to `apex_local` (in-process) of this same run (> 1 = faster, or more memory). In-process rows "
         "time only the library calls; `apex_local_server` is wall-clock from the first send until the server "
-        "reports the transitions stored, and for the cycles wall-clock with the learner's pipelining "
-        "(`learner.prefetch` = 4 requests in flight) including the copy of each batch out of its shared-memory "
-        "slot, as our CPU learner does. Peak RSS is the subprocess's maximum RSS, imports included (the RSS "
+        "reports the transitions stored (the client writes each message into its shared-memory insert ring and "
+        "sends a reference, as an actor on the replay's host does), and for the cycles wall-clock with the "
+        "learner's pipelining (`learner.prefetch` = 4 requests in flight); the batch is left in its "
+        "shared-memory slot (only index and generation copied out), as our CPU learner reads it in place "
+        "(GPU and recurrent learners copy it out). Peak RSS is the subprocess's maximum RSS, imports included (the RSS "
         "before the buffer was built is in parentheses); for the server, the server's plus the client's.",
         "",
         brp.table(rows),
@@ -139,7 +141,7 @@ def server_reading(rows: list[dict]) -> str:
     if srv is None:
         return "The replay server row did not run."
     out = [f"Replay server CPU per sample+update cycle: server {srv.get('server_cpu_ms_per_cycle', float('nan')):.2f} ms, "
-           f"client (learner side: request, copy out of the slot, priority update) "
+           f"client (learner side: request, index / generation out of the slot, priority update) "
            f"{srv.get('client_cpu_ms_per_cycle', float('nan')):.2f} ms; on {os.cpu_count()} cores the two share "
            "the cores and the memory bandwidth."]
     if peers:

@@ -388,11 +388,12 @@ def measure_server(capacity: int, cycles: int, seed: int = 0) -> dict:
                         client.request(SampleRequest(batch_size=BATCH, beta=BETA))
                     for msg in client.poll(50):
                         if isinstance(msg, BatchReady):
+                            # what our CPU learner does: it reads the batch in place in its slot
+                            # (roles/learner_loop.py _train_in_slot), copying index / generation only
                             view = slots.view(msg.slot_id, msg.slot_seq, msg.epoch)
-                            arrays = {key: np.array(v) for key, v in view.items()}  # what a CPU learner does
+                            index, generation = np.array(view["index"]), np.array(view["generation"])
                             slots.release(msg.slot_id, msg.slot_seq)
-                            client.send(PriorityUpdate(index=arrays["index"], generation=arrays["generation"],
-                                                       priority=prio[done % 8]))
+                            client.send(PriorityUpdate(index=index, generation=generation, priority=prio[done % 8]))
                             done += 1
                         elif isinstance(msg, Error):
                             raise RuntimeError(f"replay refused a sample: {msg.reason}: {msg.detail}")

@@ -295,3 +295,20 @@ def test_sequence_spec_rejects_bad_mask_and_state():
     with pytest.raises(ProtocolError) as info:  # a transition chunk is not a sequence chunk
         decode(GOOD, lim)
     assert info.value.reason in ("unexpected_array", "bad_dtype")
+
+
+@pytest.mark.parametrize("reward,ok", [
+    (np.array([3e38, 3e38], np.float32), True),  # finite, whatever their sum is
+    (np.array([3e38, np.inf], np.float32), False),
+    (np.array([-np.inf, np.inf], np.float32), False),  # the sum is NaN
+    (np.array([np.nan, 0.0], np.float32), False),
+    (np.array([0.5, -2.0], np.float32), True),
+])
+def test_finiteness_is_checked_element_by_element(reward, ok):
+    frames = insert_frames(reward=reward)
+    if ok:
+        assert np.array_equal(decode(frames, LIMITS).chunk["reward"], reward)
+    else:
+        with pytest.raises(ProtocolError) as info:
+            decode(frames, LIMITS)
+        assert info.value.reason == "non_finite"

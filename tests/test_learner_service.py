@@ -45,3 +45,102 @@ def test_finished_run_starts_fresh_and_keeps_the_old_checkpoint(tmp_path):
         assert np.isfinite(svc.learner.flat_weights()).all()
     finally:
         svc.close()
+
+
+def _slot_batch(svc, rng):
+    """The replay server's side: a batch-slot ring of the run, one READY slot with a batch."""
+    from apex_local.replay import make_replay
+    from apex_local.transport import BatchReady, BatchSlots, segment_name
+
+    cfg, spec = svc.cfg, env_spec(svc.cfg.env)
+    replay = make_replay(cfg, spec.frame_shape, spec.obs_dtype, spec.frame_stack, spec.num_actions)
+    slots = BatchSlots.create(segment_name(svc.run_id, "slots"), replay.batch_layout(cfg.learner.batch_size), 2)
+    slot = slots.acquire()
+    for k, a in slot.arrays.items():
+        a[...] = rng.integers(0, 2, a.shape) if a.dtype.kind in "iu" else rng.random(a.shape)
+    slot.arrays["discount"][...] = 0.99
+    slots.publish(slot)
+    msg = BatchReady(request_id=1, slot_id=slot.slot_id, slot_seq=slot.seq, epoch=slots.epoch,
+                     batch_size=cfg.learner.batch_size)
+    return slots, slot, msg
+
+
+def test_cpu_learner_trains_in_the_slot_like_on_a_copy_and_frees_it(tmp_path):
+    """The in-place path (no copy of the batch) gives the weights the copy path gives, sends
+    the batch's index / generation, and leaves the slot FREE."""
+    import torch
+
+    from apex_local.transport.slots import FREE
+
+    svc = _service(tmp_path)
+    slots = None
+    try:
+        assert svc._in_slot()
+        slots, slot, msg = _slot_batch(svc, np.random.default_rng(0))
+        expected = {k: np.array(v) for k, v in slot.arrays.items()}
+        ref = copy_of(svc.learner)
+        ref.update(ref.to_batch(expected))
+        sent = []
+        svc.client.send = sent.append
+        svc._train_in_slot(msg)
+        assert svc.learner.updates == 1
+        for a, b in zip(svc.learner.online.parameters(), ref.online.parameters()):
+            assert torch.equal(a, b)
+        assert np.array_equal(sent[0].index, expected["index"]) and np.array_equal(sent[0].generation,
+                                                                                     expected["generation"])
+        assert slots.state(slot.slot_id)[1] == FREE
+    finally:
+        if slots is not None:
+            slots.close()
+        svc.close()
+
+
+def test_an_update_on_a_slot_reclaimed_meanwhile_is_discarded(tmp_path):
+    """Another learner restarting makes the server reclaim every held slot; a batch read in place
+    while that happened may be torn, so its update is dropped: no step, no priorities."""
+    import torch
+
+    svc = _service(tmp_path)
+    slots = None
+    try:
+        slots, slot, msg = _slot_batch(svc, np.random.default_rng(1))
+        before = [p.detach().clone() for p in svc.learner.online.parameters()]
+        grads = svc.learner.compute_gradients
+
+        def reclaimed_during(batch):
+            out = grads(batch)
+            slots.reclaim_all()  # the server, while the loss was being computed
+            return out
+
+        svc.learner.compute_gradients = reclaimed_during
+        sent = []
+        svc.client.send = sent.append
+        svc._train_in_slot(msg)
+        assert svc.learner.updates == 0 and sent == []
+        assert all(torch.equal(a, b) for a, b in zip(svc.learner.online.parameters(), before))
+        assert all(p.grad is None for p in svc.learner.online.parameters())
+    finally:
+        if slots is not None:
+            slots.close()
+        svc.close()
+
+
+def test_gorila_and_recurrent_learners_copy_batches_out(tmp_path):
+    from apex_local.roles.gorila_learner import GorilaLearnerService
+
+    assert GorilaLearnerService.TRAIN_IN_SLOT is False
+    from apex_local.config import load_config
+
+    cfg = load_config("configs/r2d2_cartpole_masked.yaml", [f"run.dir={tmp_path}", "network.lstm_size=8",
+                                                             f"transport.ipc_dir={tmp_path / 'ipc'}"])
+    svc = LearnerService(cfg, "u" + uuid.uuid4().hex[:8], env_spec(cfg.env), log=lambda m: None)
+    try:
+        assert not svc._in_slot()
+    finally:
+        svc.close()
+
+
+def copy_of(learner):
+    import copy
+
+    return copy.deepcopy(learner)

@@ -42,6 +42,7 @@ class UpdateResult:
     priorities: np.ndarray | None  # (B,) new |TD| / sequence priorities; None when skipped
     metrics: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
+    discarded: bool = False  # skipped because ``before_step`` said the batch may be torn
 
 
 class Learner:
@@ -124,10 +125,16 @@ class Learner:
         for p in self._params:
             p.grad = None
 
-    def update(self, batch) -> UpdateResult:
+    def update(self, batch, before_step=None) -> UpdateResult:
+        """One gradient step. ``before_step()``, called between backward and the optimizer step,
+        may return False to discard the update (a batch read in place from a shared-memory slot
+        that was reclaimed meanwhile: its data may be torn)."""
         result, ok = self.compute_gradients(batch)
         if not ok:
             return result
+        if before_step is not None and not before_step():
+            self._zero_grad()
+            return UpdateResult(None, {"discarded": 1.0}, skipped=True, discarded=True)
         self.optimizer.step()
         self.updates += 1
         if self.updates % self.cfg.learner.target_update_period == 0:

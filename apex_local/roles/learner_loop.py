@@ -3,7 +3,10 @@ back and publishes weights to the shared-memory board (and, for remote actors, o
 socket: `transport.weights_over_pub`).
 
     learner ──SampleRequest×K──► replay      (K = learner.prefetch requests in flight)
-            ◄──BatchReady(slot)──            copy the slot out, release it, update
+            ◄──BatchReady(slot)──            CPU, feed-forward: loss + backward read the slot in
+                                             place, release it, then the optimizer step (if it
+                                             was reclaimed meanwhile, discard the update);
+                                             GPU / recurrent: copy the slot out, release, update
             ──PriorityUpdate──►              (index, generation): stale ones are dropped
     learner ──publish(flat, version)──► weights board  (every learner.publish_every updates)
 
@@ -99,6 +102,37 @@ class LearnerService:
             except (StaleSlotError, ShmError):
                 pass
 
+    # batches are trained on in place in their shared-memory slot (no copy of the ~29 MB of a
+    # Pong batch of 512) on a CPU feed-forward learner; the Gorila learner and R2D2 copy them out
+    TRAIN_IN_SLOT = True
+
+    def _in_slot(self) -> bool:
+        return self.TRAIN_IN_SLOT and self.learner.device.type == "cpu" and not self.learner.online.recurrent
+
+    def _train_in_slot(self, msg: BatchReady) -> None:
+        """Loss and backward on the slot's memory (index / generation copied: the priority update
+        is sent after the slot is free), release, then the optimizer step, unless the release
+        says the server reclaimed the slot meanwhile (another learner restarted): the batch
+        may be torn, so the update is discarded (counted)."""
+        ring = self._slot_ring()
+        try:
+            # writable: torch warns on tensors over read-only arrays; the loss only reads them
+            view = ring.view(msg.slot_id, msg.slot_seq, msg.epoch, writable=True)
+        except StaleSlotError:
+            return
+        arrays = dict(view, index=np.array(view["index"]), generation=np.array(view["generation"]))
+        released: list[bool] = []
+
+        def release() -> bool:
+            released.append(ring.release(msg.slot_id, msg.slot_seq))
+            return released[0]
+
+        try:
+            self._train_on(arrays, before_step=release)
+        finally:
+            if not released:  # a non-finite loss (or an error) ended the update before the step
+                release()
+
     def _take_batch(self, msg: BatchReady):
         """Copy the slot out (the loss must not read shared memory the server may reuse), into
         pinned host memory when training on a GPU, then free the slot (DESIGN.md §3)."""
@@ -118,9 +152,12 @@ class LearnerService:
             return None  # reclaimed while we copied: the copy may be torn
         return arrays
 
-    def _train_on(self, arrays: dict) -> None:
+    def _train_on(self, arrays: dict, before_step=None) -> None:
         batch = self.learner.to_batch(arrays)
-        result = self.learner.update(batch)
+        result = self.learner.update(batch, before_step=before_step)
+        if result.discarded:
+            self.rec.inc("apex_learner_discarded_batches_total")
+            return
         if result.skipped:
             self.rec.inc("apex_learner_nonfinite_losses_total")
             return
@@ -166,6 +203,9 @@ class LearnerService:
             if isinstance(msg, BatchReady):
                 self.rec.observe("apex_learner_batch_wait_seconds", waited)
                 waited = 0.0
+                if self._in_slot():
+                    self._train_in_slot(msg)
+                    continue
                 try:
                     arrays = self._take_batch(msg)
                 except StaleSlotError:

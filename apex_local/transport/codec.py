@@ -73,6 +73,10 @@ _MAX_MAP = 64
 WIRE_DTYPES = frozenset({"|u1", "|i1", "|b1", "<u2", "<i2", "<u4", "<i4", "<i8", "<f2", "<f4", "<f8"})
 
 
+_WIRE_NP = {s: np.dtype(s) for s in WIRE_DTYPES}
+_MIN_REDUCE, _MAX_REDUCE = np.minimum.reduce, np.maximum.reduce
+
+
 class ProtocolError(ValueError):
     """A message failed validation. ``reason`` is one of `REASONS`; ``detail`` is for logs;
     ``identity`` is the ROUTER peer it came from (set by `sockets.recv_message`), else None."""
@@ -298,8 +302,10 @@ def decode_arrays(header: Mapping, parts: Sequence[Any], allowed: Mapping[str, A
         raise ProtocolError("frame_count", f"header declares {len(decl)} arrays, got {len(parts) - 1} array parts")
     out: dict[str, np.ndarray] = {}
     total = 0
+    floats = []
     for entry, part in zip(decl, parts[1:]):
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
+        # (exact type checks: msgpack gives list / str / int, and bool is not an int here)
+        if not (type(entry) is list and len(entry) == 3 and type(entry[0]) is str):
             raise ProtocolError("bad_header", "each 'arrays' entry must be [name, dtype, shape]")
         name, dt, shape = entry
         if name in out:
@@ -307,26 +313,35 @@ def decode_arrays(header: Mapping, parts: Sequence[Any], allowed: Mapping[str, A
         spec = allowed.get(name)
         if spec is None:
             raise ProtocolError("unexpected_array", f"array {name[:64]!r} is not part of this message kind")
-        if not isinstance(dt, str) or dt not in spec.dtypes or dt not in WIRE_DTYPES:
+        if type(dt) is not str or dt not in spec.dtypes or dt not in WIRE_DTYPES:
             raise ProtocolError("bad_dtype", f"array {name!r}: dtype {str(dt)[:16]!r} not in {spec.dtypes}")
-        if not (isinstance(shape, list) and len(shape) <= 8
-                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_I64 for d in shape)):
+        dtype = _WIRE_NP[dt]
+        nbytes = dtype.itemsize
+        if type(shape) is not list or len(shape) > 8:
+            nbytes = -1
+        else:
+            for d in shape:
+                if type(d) is not int or not 0 <= d <= MAX_I64:
+                    nbytes = -1
+                    break
+                nbytes *= d
+        if nbytes < 0:
             raise ProtocolError("bad_shape", f"array {name!r}: shape must be a list of <= 8 non-negative ints")
-        dtype = np.dtype(dt)
-        nbytes = math.prod(shape) * dtype.itemsize
         total += nbytes
         if total > limits.max_message_bytes:
             raise ProtocolError("too_large", f"arrays exceed {limits.max_message_bytes} bytes (at {name!r})")
-        buf = as_buffer(part)
+        buf = part if type(part) is memoryview and part.format == "B" and part.ndim == 1 else as_buffer(part)
         if buf.nbytes != nbytes:
             raise ProtocolError("length_mismatch", f"array {name!r}: part has {buf.nbytes} bytes, "
                                                    f"shape {shape} {dt} needs {nbytes}")
         out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        if dtype.kind == "f":
+            floats.append(name)
     for name, spec in allowed.items():
         if spec.required and name not in out:
             raise ProtocolError("missing_array", f"array {name!r} is required")
-    for name, a in out.items():
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
+    for name in floats:
+        if not np.isfinite(out[name]).all():
             raise ProtocolError("non_finite", f"array {name!r} holds NaN or inf")
     return out
 
@@ -340,7 +355,7 @@ def check_range(name: str, a: np.ndarray, lo: float | None = None, hi: float | N
     """Every element in [lo, hi] (either bound may be None); raises 'bad_value'."""
     if a.size == 0:
         return
-    if lo is not None and a.min() < lo:
+    if lo is not None and _MIN_REDUCE(a, axis=None) < lo:
         raise ProtocolError("bad_value", f"array {name!r}: value {a.min()} < {lo}")
-    if hi is not None and a.max() > hi:
+    if hi is not None and _MAX_REDUCE(a, axis=None) > hi:
         raise ProtocolError("bad_value", f"array {name!r}: value {a.max()} > {hi}")

@@ -152,9 +152,11 @@ class BatchSlots:
 
     # ------------------------------------------------------------------ learner side
 
-    def view(self, slot_id: int, slot_seq: int, epoch: int | None = None) -> dict[str, np.ndarray]:
-        """Read-only views of a READY slot. Reattaches when the server restarted (new epoch);
-        raises `StaleSlotError` if the triple does not name the current batch."""
+    def view(self, slot_id: int, slot_seq: int, epoch: int | None = None,
+             writable: bool = False) -> dict[str, np.ndarray]:
+        """Read-only views of a READY slot (``writable``: left writable, for torch tensors made
+        over them, which must still never be written). Reattaches when the server restarted (new
+        epoch); raises `StaleSlotError` if the triple does not name the current batch."""
         if not self.segment.owner and self.segment.replaced() and not self._reattach():
             raise StaleSlotError(f"the batch-slot segment {self.segment.name!r} is gone (replay restarting?)")
         if epoch is not None and epoch != self.epoch:
@@ -162,8 +164,9 @@ class BatchSlots:
                                      f"ring is at epoch {self.epoch} (replay restarted)")
         self._expect(slot_id, slot_seq, READY)
         views = self.arrays(slot_id)
-        for a in views.values():
-            a.flags.writeable = False
+        if not writable:
+            for a in views.values():
+                a.flags.writeable = False
         return views
 
     def release(self, slot_id: int, slot_seq: int) -> bool:
