@@ -77,7 +77,8 @@ def part_replay_peers(mode: str, stamp: str, img_dir: Path | None) -> str:
     from bench import bench_replay_peers as brp
 
     p = {"smoke": {"capacity": 5_000, "cycles": 20}, "quick": brp.QUICK, "full": brp.FULL}[mode]
-    rows = brp.run(quick=mode != "full", capacity=p["capacity"], cycles=p["cycles"])
+    rows = brp.run(quick=mode != "full", capacity=p["capacity"], cycles=p["cycles"],
+                   rounds=1 if mode == "smoke" else brp.ROUNDS)
     img = brp.plot(rows, img_dir / "peers_replay.png") if img_dir else None
     print(brp.table(rows))
     plot_line = _plot_line(img, "replay vs peers")
@@ -86,7 +87,9 @@ def part_replay_peers(mode: str, stamp: str, img_dir: Path | None) -> str:
         "",
         stamp,
         f"Part command: `python -m bench.bench_replay_peers --capacity {p['capacity']} --cycles {p['cycles']}` "
-        "(each implementation in its own subprocess, one after the other)",
+        "(each implementation in its own subprocess, one after the other; "
+        f"{', '.join(f'`{i}`' for i in brp.REPEATED)} {brp.ROUNDS} times, interleaved, and shown as the median "
+        "of the rounds, the others once)" if mode != "smoke" else "(each implementation in its own subprocess)",
         "",
         f"Workload: capacity {p['capacity']:,} transitions of k=4 stacked 84x84 uint8 frames (n=3); insert "
         f"in chunks of 50 until full, then a fifth of the capacity more (ring full, overwriting); then "
@@ -140,20 +143,27 @@ def server_reading(rows: list[dict]) -> str:
              and brp_ok(r)]
     if srv is None:
         return "The replay server row did not run."
-    out = [f"Replay server CPU per sample+update cycle: server {srv.get('server_cpu_ms_per_cycle', float('nan')):.2f} ms, "
+    rounds = [f"`{r['impl']}` {', '.join(f'{v / 1e3:.0f}k' for v in r['fill_per_s_rounds'])} inserts/s filling, "
+              f"{', '.join(f'{v:.0f}' for v in r['cycles_per_s_rounds'])} cycles/s"
+              for r in rows if brp_ok(r) and "fill_per_s_rounds" in r]
+    out = ([f"Per round (medians in the table): {'; '.join(rounds)}."] if rounds else []) + [
+        f"Replay server CPU per sample+update cycle: server {srv.get('server_cpu_ms_per_cycle', float('nan')):.2f} ms, "
            f"client (learner side: request, index / generation out of the slot, priority update) "
            f"{srv.get('client_cpu_ms_per_cycle', float('nan')):.2f} ms; on {os.cpu_count()} cores the two share "
            "the cores and the memory bandwidth."]
     if peers:
         best_c = max(peers, key=lambda r: r["cycles_per_s"])
         best_i = max(peers, key=lambda r: r["fill_per_s"])
+        best_o = max(peers, key=lambda r: r["overwrite_per_s"])
         def verdict(x):
             return "meets" if x >= 1 else "misses"
         out.append(f"Target (issue): the server at least as fast as the best peer in-process. Sample+update: "
                    f"{srv['cycles_per_s'] / best_c['cycles_per_s']:.2f}x `{best_c['impl']}` "
                    f"({verdict(srv['cycles_per_s'] / best_c['cycles_per_s'])} the target); inserts (filling): "
                    f"{srv['fill_per_s'] / best_i['fill_per_s']:.2f}x `{best_i['impl']}` "
-                   f"({verdict(srv['fill_per_s'] / best_i['fill_per_s'])} it).")
+                   f"({verdict(srv['fill_per_s'] / best_i['fill_per_s'])} it); inserts (ring full): "
+                   f"{srv['overwrite_per_s'] / best_o['overwrite_per_s']:.2f}x `{best_o['impl']}` "
+                   f"({verdict(srv['overwrite_per_s'] / best_o['overwrite_per_s'])} it).")
     else:
         out.append("No equivalent peer ran in this run, so the target (at least the best peer's in-process "
                    "throughput) could not be checked.")

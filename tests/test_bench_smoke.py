@@ -201,3 +201,16 @@ def test_bench_solve_overrides_reach_the_config_and_write_no_doc(monkeypatch, ca
     assert seen == [(4, ("learner.target_update_period=60", "learner.lr=0.002")),
                     (5, ("learner.target_update_period=60", "learner.lr=0.002"))]
     assert "| dqn | 5 | 5,000 |" in capsys.readouterr().out
+
+
+def test_replay_peer_rounds_merge_to_medians_and_keep_failures():
+    from bench.bench_replay_peers import merge_rounds
+
+    runs = [{"impl": "cpprb", "fill_per_s": v, "cycles_per_s": c, "load_end": i}
+            for i, (v, c) in enumerate([(100.0, 5.0), (300.0, 7.0), (200.0, 6.0)])]
+    row = merge_rounds(runs)
+    assert (row["fill_per_s"], row["cycles_per_s"], row["rounds"], row["load_end"]) == (200.0, 6.0, 3, 2)
+    assert row["fill_per_s_rounds"] == [100.0, 300.0, 200.0]
+    failed = merge_rounds([runs[0], {"impl": "cpprb", "failed": "exit 1"}])
+    assert failed["failed"] == "exit 1" and "fill_per_s" not in failed
+    assert merge_rounds([runs[0]])["fill_per_s"] == 100.0
