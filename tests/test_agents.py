@@ -79,8 +79,10 @@ def test_learner_update_and_target_sync():
 
 
 def test_adam_is_fused_where_torch_has_it_and_plain_otherwise(monkeypatch):
+    from apex_local.agents.optim import FusedAdam
+
     learner = Learner(_cfg(), (1, 4), np.float32, 2)
-    assert learner.optimizer.defaults["fused"] is True  # torch >= 2.4 on CPU
+    assert isinstance(learner.optimizer, FusedAdam) and learner.optimizer.defaults["fused"] is True
     real = torch.optim.Adam
 
     def old_torch_adam(params, fused=None, **kw):  # torch < 2.4: no fused kernel for the CPU
@@ -88,6 +90,7 @@ def test_adam_is_fused_where_torch_has_it_and_plain_otherwise(monkeypatch):
             raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
         return real(params, **kw)
 
+    monkeypatch.delattr(torch, "_fused_adam_")
     monkeypatch.setattr(torch.optim, "Adam", old_torch_adam)
     learner = Learner(_cfg(), (1, 4), np.float32, 2)
     assert not learner.optimizer.defaults.get("fused") and learner.optimizer.param_groups[0]["params"]
