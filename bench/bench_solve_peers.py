@@ -85,6 +85,11 @@ APEX_CONFIG = "configs/apex_cartpole.yaml"
 OURS = ("dqn", "apex")  # method-name prefixes of our rows (apex_<N>actors)
 PEERS = ("sb3_dqn", "tianshou_dqn")
 METHODS = ("dqn", "apex_2actors", "sb3_dqn", "tianshou_dqn")
+# Held-out check (full mode of `python -m bench solve`): configs/dqn_cartpole.yaml was tuned on
+# seeds 0-11 (docs/benchmarks_learning.md, "Tuning"), which include the 3 seeds above; these
+# seeds were not used to choose any setting. Our DQN and the best peer of the main table.
+HELD_OUT_SEEDS = tuple(range(12, 22))
+HELD_OUT_METHODS = ("dqn", "sb3_dqn")
 # method -> (import name, distribution name) of the peer package it needs
 PEER_PACKAGES = {"sb3_dqn": ("stable_baselines3", "stable-baselines3"), "tianshou_dqn": ("tianshou", "tianshou")}
 INSTALL_HINT = "pip install -e '.[bench]'"

@@ -47,7 +47,7 @@ def test_put_then_view_gives_the_envelope_zero_copy(run_id):
         assert (start, nbytes) == (0, envelope_size(parts)) and end == -(-nbytes // ALIGN) * ALIGN
         view = r.view("a0", w.nonce, start, nbytes, end)
         assert bytes(view) == bytes(join_parts(parts))
-        assert np.shares_memory(np.frombuffer(view, np.uint8), np.frombuffer(r.rings["a0"].segment.mmap, np.uint8))
+        assert np.shares_memory(np.frombuffer(view, np.uint8), np.frombuffer(r.rings[("a0", w.nonce)].segment.mmap, np.uint8))
         w._data[start + nbytes - 1] = 99  # the writer's mapping and the reader's are the same memory
         assert view[-1] == 99
         assert w.consumed == 0  # nothing published before release
@@ -179,21 +179,32 @@ def test_bad_references_are_rejected_by_reason(run_id, case, reason):
             other.close()
 
 
-def test_a_replaced_ring_is_reattached_and_old_references_are_stale(run_id):
+def test_a_replaced_ring_is_mapped_beside_the_old_one_until_the_old_is_idle(run_id):
+    """An actor restart (or route change) makes a new instance under the same name: references
+    still queued for the old one are served from its mapping, the new one is mapped too, and
+    the old mapping goes once it is idle and its file is gone. An old reference after that, or
+    one the reader never mapped, is stale."""
     w, r = InsertRingWriter(run_id, "a0", RING), InsertRingReader(run_id)
     w2 = None
     try:
         old = w.put(blob(1000, 1))
         r.view("a0", w.nonce, *old)
-        old2 = w.put(blob(1000, 2))
+        old2, old3 = w.put(blob(1000, 2)), w.put(blob(1000, 3))
         old_nonce = w.nonce
         w.close()
         w2 = InsertRingWriter(run_id, "a0", RING)  # the actor restarted (or changed replay)
         assert w2.nonce != old_nonce
-        new = w2.put(blob(1000, 3))
-        assert bytes(r.view("a0", w2.nonce, *new)) == bytes(join_parts(blob(1000, 3)))
+        new = w2.put(blob(1000, 4))
+        assert bytes(r.view("a0", w2.nonce, *new)) == bytes(join_parts(blob(1000, 4)))
+        assert bytes(r.view("a0", old_nonce, *old2)) == bytes(join_parts(blob(1000, 2)))  # still queued: served
+        r.release()
+        assert len(r.rings) == 2
+        r.IDLE_CLOSE_S, r._next_sweep = 0.0, 0.0
+        r.rings[("a0", old_nonce)].last_used -= 1
+        r.release()  # the old instance: idle and its file replaced -> unmapped; the live one stays
+        assert list(r.rings) == [("a0", w2.nonce)]
         with pytest.raises(ProtocolError) as info:
-            r.view("a0", old_nonce, *old2)
+            r.view("a0", old_nonce, *old3)
         assert info.value.reason == "stale_ref"
     finally:
         r.close()
@@ -201,8 +212,63 @@ def test_a_replaced_ring_is_reattached_and_old_references_are_stale(run_id):
             w2.close()
 
 
+def test_a_made_up_nonce_does_not_disturb_the_live_ring(run_id):
+    """A reference with a wrong nonce is stale and leaves the live instance as it was: its
+    mapping, and nothing published before the messages viewed are stored."""
+    w, r = InsertRingWriter(run_id, "a0", RING), InsertRingReader(run_id)
+    try:
+        first = w.put(blob(1000, 1))
+        r.view("a0", w.nonce, *first)
+        live = r.rings[("a0", w.nonce)]
+        with pytest.raises(ProtocolError) as info:
+            r.view("a0", w.nonce ^ 12345, *w.put(blob(1000, 2)))
+        assert info.value.reason == "stale_ref"
+        assert w.consumed == 0 and list(r.rings.values()) == [live]  # nothing published early
+        r.release()
+        assert w.consumed == first[2]
+    finally:
+        r.close()
+        w.close()
+
+
+@pytest.mark.parametrize("what", ["capacity_zero", "directory", "symlink", "short_file"])
+def test_a_file_that_is_not_a_ring_is_bad_ref_never_an_error(run_id, what):
+    """Whatever lies under a ring's name, the reader answers ProtocolError (the replay counts it
+    and goes on), never ZeroDivisionError, IsADirectoryError or a mapping of someone's file."""
+    import struct
+
+    from apex_local.transport.insert_ring import MAGIC
+
+    path = os.path.join("/dev/shm", ring_segment_name(run_id, "x"))
+    seg = None
+    try:
+        if what == "capacity_zero":  # right magic, capacity 0, size exactly the header
+            seg = Segment.create(ring_segment_name(run_id, "x"), HEADER_BYTES)
+            struct.pack_into("<8sQQQ", seg.mmap, 0, MAGIC, 7, 0, 0)
+        elif what == "directory":
+            os.mkdir(path)
+        elif what == "symlink":
+            os.symlink("/etc/hostname", path)
+        else:
+            with open(path, "wb") as f:
+                f.write(b"APXRING1")
+        r = InsertRingReader(run_id)
+        with pytest.raises(ProtocolError) as info:
+            r.view("x", 7, 0, 64, 64)
+        assert info.value.reason == "bad_ref"
+        r.close()
+    finally:
+        if seg is not None:
+            seg.close()
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rmdir(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+
 def test_a_reader_keeps_serving_an_attached_ring_after_its_writer_exits(run_id):
-    """Messages still queued when an actor stops are stored (the mapping outlives the name)."""
+    """Messages still queued when an actor stops are stored, once the reader had mapped its
+    ring (the mapping outlives the name)."""
     w, r = InsertRingWriter(run_id, "a0", RING), InsertRingReader(run_id)
     try:
         first = w.put(blob(1000, 1))
@@ -226,6 +292,7 @@ def test_ring_writer_checks_its_arguments(run_id):
     ({}, True),  # ipc (the default): same host
     ({"transport.insert_ring_mb": 0}, False),
     ({"transport.kind": "tcp"}, True),  # 127.0.0.1
+    ({"transport.kind": "tcp", "transport.weights_transport": "pub"}, False),  # maybe a tunnel: not our /dev/shm
     ({"transport.kind": "tcp", "transport.host": "10.0.0.2", "transport.allow_plaintext_remote": "true"},
      False),  # a remote replay
 ])

@@ -82,7 +82,17 @@ def test_cpu_learner_trains_in_the_slot_like_on_a_copy_and_frees_it(tmp_path):
         ref.update(ref.to_batch(expected))
         sent = []
         svc.client.send = sent.append
-        svc._train_in_slot(msg)
+        ring = svc._slot_ring()
+        real_release = ring.release
+
+        def release_then_refill(slot_id, slot_seq):  # the server reuses the slot at once
+            ok = real_release(slot_id, slot_seq)
+            for a in slot.arrays.values():
+                a[...] = np.nan if a.dtype.kind == "f" else 1
+            return ok
+
+        ring.release = release_then_refill
+        svc._train_in_slot(msg)  # nothing of the slot may be read after its release
         assert svc.learner.updates == 1
         for a, b in zip(svc.learner.online.parameters(), ref.online.parameters()):
             assert torch.equal(a, b)

@@ -8,7 +8,8 @@ time-to-solve), and every step runs ~0.15 ms of Python (profiler hooks, grad-mod
 grouping by device and dtype, graph-capture checks) around a kernel that takes less on a
 small net. The state dict is `torch.optim.Adam`'s format, so checkpoints load into either.
 
-Only what the learner uses: one parameter group, no weight decay, no amsgrad, no closure.
+Only what the learner uses: one parameter group, no weight decay, no amsgrad, no closure; it
+is not a `torch.optim.Optimizer` (no LR schedulers, hooks or ``add_param_group``).
 `make_adam` falls back to ``torch.optim.Adam`` where the fused kernel is missing (a device it
 does not support, or a torch without it).
 """
@@ -95,7 +96,11 @@ class FusedAdam:
         by_id = dict(zip(saved["params"], self.params))
         state = {}
         for key, st in state_dict.get("state", {}).items():
-            p = by_id[key]
+            p = by_id.get(key)
+            if p is None or not isinstance(st, dict) or not {"step", "exp_avg", "exp_avg_sq"} <= st.keys():
+                raise ValueError(f"optimizer state of parameter {key!r} is not Adam's (step, exp_avg, exp_avg_sq): "
+                                 f"{sorted(st) if isinstance(st, dict) else type(st).__name__} (a checkpoint of "
+                                 "another learner.optimizer?)")
             exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
             if exp_avg.shape != p.shape or exp_avg_sq.shape != p.shape:
                 raise ValueError(f"optimizer state of parameter {key} has shape {tuple(exp_avg.shape)}, "

@@ -71,7 +71,7 @@ class ActorService:
             return
         try:
             self.ring = InsertRingWriter(self.run_id, f"actor{self.index}", self.cfg.transport.insert_ring_mb << 20)
-        except ShmError as exc:  # e.g. /dev/shm too small: inline inserts still work
+        except (ShmError, OSError) as exc:  # e.g. /dev/shm too small: inline inserts still work
             self.log(f"no insert ring ({exc}); sending inserts inline")
 
     # ------------------------------------------------------------------ env

@@ -26,9 +26,12 @@ message is never overwritten before the consumer has stored it. When the ring ha
 consumer that is slow, rate-limited or restarting), the writer returns None and the caller
 sends the message inline: a full ring never blocks more than the socket would.
 
-Ordering: one actor's messages arrive in order on its PUSH socket; the data is written before
-the reference is sent, and consumed is written after the message was stored (a syscall, the
-ZMQ send / receive, lies between each write and the other side's read).
+Ordering: one actor's messages arrive in order on its PUSH socket. The data is written before
+the reference is sent (the ZMQ send / receive syscalls lie between it and the consumer's
+reads). ``consumed`` is written after the consumer's last read of the message, and the writer
+reads it with a plain load before reusing those bytes: ordered on x86-64 (TSO) only, as the
+weights board's seqlock (CPython emits no fences); on weakly ordered CPUs the decode checks
+are what would catch a message overwritten early.
 
 Lost references (a consumer that died with a queue) cost nothing: the next stored message's
 ``end`` moves ``consumed`` past them. A route change (Gorila: another learner's replay) makes
@@ -38,13 +41,15 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
+import time
 from collections import OrderedDict
 from dataclasses import replace
 import numpy as np
 
 from apex_local.transport.codec import RING_REASONS, ProtocolError, envelope_size, join_parts
-from apex_local.transport.shm import Segment, ShmError, segment_name
+from apex_local.transport.shm import SHM_DIR, Segment, ShmError, segment_name
 
 __all__ = ["RING_REASONS", "InsertRingWriter", "InsertRingReader", "ring_segment_name", "HEADER_BYTES", "ring_enabled", "insert_frame"]
 
@@ -54,6 +59,7 @@ ALIGN = 64
 _HEAD = struct.Struct("<8sQQQ")  # magic, nonce, capacity, consumed
 _CONSUMED_AT = 24
 _RING_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MIN_CAPACITY = 64 * 1024
 MAX_ATTACHED = 256  # rings a consumer keeps mapped (least recently used dropped beyond)
 
 
@@ -62,9 +68,11 @@ def ring_segment_name(run_id: str, ring: str) -> str:
 
 
 def ring_enabled(transport_cfg) -> bool:
-    """Rings need the replay on this host: ipc, or tcp to a loopback address without CURVE."""
+    """Rings need the replay's /dev/shm: ipc, or tcp to a loopback address without CURVE, and
+    weights from the shared-memory board (so this actor already shares /dev/shm with the run;
+    a loopback tcp port may be an ssh tunnel or another container's, whose /dev/shm is not)."""
     t = transport_cfg
-    if getattr(t, "insert_ring_mb", 0) <= 0:
+    if getattr(t, "insert_ring_mb", 0) <= 0 or t.weights_transport != "board":
         return False
     if t.kind == "ipc":
         return True
@@ -82,7 +90,7 @@ class InsertRingWriter:
         if not _RING_ID.match(ring):
             raise ValueError(f"ring id {ring!r}: use 1-64 characters of [A-Za-z0-9_.-]")
         capacity = _aligned(int(capacity_bytes))
-        if capacity < 64 * 1024:
+        if capacity < MIN_CAPACITY:
             raise ValueError(f"insert ring of {capacity_bytes} bytes is too small (at least 64 KiB)")
         self.ring, self.capacity = ring, capacity
         self.nonce = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
@@ -119,13 +127,14 @@ class InsertRingWriter:
 
 
 class _Attached:
-    __slots__ = ("segment", "nonce", "capacity", "data", "consumed", "last_end")
+    __slots__ = ("segment", "ring", "nonce", "capacity", "data", "consumed", "last_end", "last_used")
 
-    def __init__(self, segment: Segment, nonce: int, capacity: int) -> None:
-        self.segment, self.nonce, self.capacity = segment, nonce, capacity
+    def __init__(self, segment: Segment, ring: str, nonce: int, capacity: int) -> None:
+        self.segment, self.ring, self.nonce, self.capacity = segment, ring, nonce, capacity
         self.data = memoryview(segment.mmap)[HEADER_BYTES:HEADER_BYTES + capacity]
         self.consumed = np.ndarray((1,), np.uint64, buffer=segment.mmap, offset=_CONSUMED_AT)
         self.last_end = int(self.consumed[0])
+        self.last_used = time.monotonic()
 
     def close(self) -> None:
         try:
@@ -136,48 +145,74 @@ class _Attached:
         self.segment.close()
 
 
+def _open_ring(name: str, ring: str, nonce: int) -> _Attached:
+    """Map the ring file ``name`` if it is this instance: a regular file of this user (not a
+    link, a directory or another user's file: its contents could change under the checks)
+    with a sane header and the nonce ``nonce``; else `ProtocolError`, never another error."""
+    path = os.path.join(SHM_DIR, name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ProtocolError("stale_ref", f"insert ring {ring!r} does not exist (its actor stopped, or its "
+                                         "/dev/shm is not this process's)") from None
+    except OSError as exc:
+        raise ProtocolError("bad_ref", f"insert ring {ring!r}: {exc}") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        raise ProtocolError("bad_ref", f"insert ring {ring!r}: {path} is not a regular file of this user")
+    try:
+        seg = Segment.attach(name)
+    except (ShmError, OSError, ValueError) as exc:
+        raise ProtocolError("stale_ref" if isinstance(exc, FileNotFoundError) else "bad_ref",
+                            f"insert ring {ring!r}: {exc}") from None
+    try:
+        magic, seg_nonce, capacity, _ = _HEAD.unpack_from(seg.mmap, 0) if seg.size >= _HEAD.size else (b"",) * 4
+        if (magic != MAGIC or capacity < MIN_CAPACITY or capacity % ALIGN
+                or seg.size != HEADER_BYTES + capacity):
+            raise ProtocolError("bad_ref", f"insert ring {ring!r} is not an insert ring of this version "
+                                           f"({seg.size} bytes)")
+        if seg_nonce != nonce:
+            raise ProtocolError("stale_ref", f"insert ring {ring!r}: no instance with that nonce (the actor "
+                                             "restarted or changed its replay, or a made-up reference)")
+        return _Attached(seg, ring, nonce, capacity)
+    except BaseException:
+        seg.close()
+        raise
+
+
 class InsertRingReader:
     """The consumer's side: ``view(ring, nonce, start, nbytes, end)`` -> the message bytes
     (a memoryview into the ring, valid until ``release``), or `ProtocolError` ('stale_ref' for
-    a ring that is gone or was replaced, 'bad_ref' for positions that cannot be right)."""
+    a ring that is gone or was replaced, 'bad_ref' for positions that cannot be right, or a
+    file under the ring's name that is not a ring of this user).
+
+    Rings are attached per instance, (ring id, nonce): references into an actor's previous
+    instance, still queued when it restarted, are served from that mapping while the reader
+    holds it, and a reference with a made-up nonce never disturbs the live instance. An
+    instance whose file is gone or replaced is unmapped once it has been idle `IDLE_CLOSE_S`."""
+
+    IDLE_CLOSE_S = 5.0
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        self.rings: OrderedDict[str, _Attached] = OrderedDict()
-        self._done: dict[str, int] = {}  # ring -> end of the newest message handled, not yet published
+        self.rings: OrderedDict[tuple[str, int], _Attached] = OrderedDict()
+        self._done: dict[tuple[str, int], int] = {}  # instance -> end of the newest message handled, unpublished
         self._limits = None  # (the limits given, the same accepting only 'insert')
+        self._next_sweep = 0.0
         self.resolved = 0  # messages decoded from a ring
 
     def _attach(self, ring: str, nonce: int) -> _Attached:
-        got = self.rings.get(ring)
-        if got is not None and got.nonce == nonce:
-            self.rings.move_to_end(ring)
+        key = (ring, nonce)
+        got = self.rings.get(key)
+        if got is not None:
+            self.rings.move_to_end(key)
+            got.last_used = time.monotonic()
             return got
-        if got is not None:  # the actor made a new ring instance (restart, route change)
-            self._publish(ring)
-            got.close()
-            del self.rings[ring]
-        try:
-            seg = Segment.attach(ring_segment_name(self.run_id, ring))
-        except ShmError as exc:
-            raise ProtocolError("stale_ref", f"insert ring {ring!r}: {exc}") from None
-        try:
-            magic, seg_nonce, capacity, _ = _HEAD.unpack_from(seg.mmap, 0) if seg.size >= _HEAD.size else (b"",) * 4
-            if magic != MAGIC or seg.size != HEADER_BYTES + capacity:
-                raise ProtocolError("bad_ref", f"insert ring {ring!r} is not an insert ring of this version "
-                                               f"({seg.size} bytes)")
-            if seg_nonce != nonce:
-                raise ProtocolError("stale_ref", f"insert ring {ring!r} was replaced (the actor restarted or "
-                                                 "changed its replay): a reference into the old ring")
-        except BaseException:
-            seg.close()
-            raise
-        att = _Attached(seg, nonce, capacity)
-        self.rings[ring] = att
+        att = _open_ring(ring_segment_name(self.run_id, ring), ring, nonce)
+        self.rings[key] = att
         while len(self.rings) > MAX_ATTACHED:
-            old, a = self.rings.popitem(last=False)
-            self._publish(old, a)
-            a.close()
+            old_key, old = self.rings.popitem(last=False)
+            self._publish(old_key, old)
+            old.close()
         return att
 
     def view(self, ring: str, nonce: int, start: int, nbytes: int, end: int) -> memoryview:
@@ -191,7 +226,7 @@ class InsertRingReader:
             raise ProtocolError("bad_ref", f"insert ring {ring!r}: reference [{start}, +{nbytes}) end {end} does not "
                                            f"fit a {att.capacity}-byte ring consumed up to {att.last_end}")
         att.last_end = end
-        self._done[ring] = end
+        self._done[(ring, nonce)] = end
         return att.data[off:off + nbytes]
 
     def resolve(self, ref, limits):
@@ -205,23 +240,34 @@ class InsertRingReader:
         msg = decode_frame(self.view(ref.ring, ref.nonce, ref.start, ref.nbytes, ref.end), self._limits[1])
         if msg.KIND != "insert":  # pragma: no cover - the limits admit inserts only
             raise ProtocolError("unknown_kind", f"insert ring {ref.ring!r} holds a {msg.KIND!r} message")
+        for a in msg.chunk.values():  # read-only, as arrays decoded from a received frame are
+            a.flags.writeable = False
         self.resolved += 1
         return msg
 
     def release(self) -> None:
         """Publish ``consumed`` for every ring read since the last call: call once the messages
-        viewed are stored (their arrays are no longer needed)."""
-        for ring in list(self._done):
-            self._publish(ring)
+        viewed are stored (their arrays are no longer needed). Also unmaps, at most once a
+        second, instances that are idle and whose file is gone or replaced."""
+        for key in list(self._done):
+            self._publish(key)
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + 1.0
+            for key, att in list(self.rings.items()):
+                if now - att.last_used > self.IDLE_CLOSE_S and att.segment.replaced():
+                    del self.rings[key]
+                    att.close()
 
-    def _publish(self, ring: str, att: _Attached | None = None) -> None:
-        end = self._done.pop(ring, None)
-        att = att or self.rings.get(ring)
+    def _publish(self, key: tuple[str, int], att: _Attached | None = None) -> None:
+        end = self._done.pop(key, None)
+        att = att or self.rings.get(key)
         if end is not None and att is not None and att.consumed is not None:
             att.consumed[0] = end
 
     def close(self) -> None:
-        self.release()
+        for key in list(self._done):
+            self._publish(key)
         for a in self.rings.values():
             a.close()
         self.rings.clear()
