@@ -156,9 +156,10 @@ class TransportConfig:
     send_hwm: int = 64  # messages queued per socket before a sender blocks
     send_timeout_ms: int = 200  # a blocked send gives up after this (so signals are handled)
     max_message_bytes: int = 256 * 1024 * 1024  # ZMQ_MAXMSGSIZE on receiving sockets
-    # Each actor writes its insert messages into its own shared-memory ring of this many MiB and
-    # pushes only a reference (transport/insert_ring.py), when the replay is on this host (ipc, or
-    # tcp to loopback without CURVE); a message that does not fit goes inline. 0 = always inline.
+    # Each actor writes its insert messages into its own shared-memory ring (sized to its messages,
+    # at most this many MiB) and pushes only a reference (transport/insert_ring.py), when the replay
+    # shares its /dev/shm (ipc, or tcp to loopback without CURVE, weights on the board); a message
+    # that does not fit goes inline. 0 = always inline.
     insert_ring_mb: int = 32
     request_timeout_ms: int = 2_000  # learner sample request retry (Lazy Pirate)
     # Remote actors (README "Remote actors (two hosts)"; keys from `apex-local keys --out DIR`).

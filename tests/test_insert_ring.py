@@ -370,3 +370,55 @@ def test_drain_over_push_pull_stores_the_same_as_inline_inserts(run_id):
         reader.close()
         for w in writers.values():
             w.close()
+
+
+class _Msg:
+    """A stand-in Insert: its envelope is ~``n`` bytes."""
+
+    def __init__(self, n: int) -> None:
+        self.sender, self.weights_version, self.n = "actor.0", 0, n
+
+    def encode(self):
+        return blob(self.n, 5)
+
+
+def test_sender_sizes_the_ring_to_its_messages_and_grows_it(run_id):
+    from apex_local.transport.insert_ring import InsertRingSender
+
+    limits = DecodeLimits(kinds=frozenset({"insert_ref"}))
+    s, r = InsertRingSender(run_id, "a0", 32 << 20, queue=64), InsertRingReader(run_id)
+    try:
+        assert s.capacity == 0  # nothing made before the first message
+        small = decode_frame(s.frame(_Msg(3000)), limits)
+        assert isinstance(small, InsertRef) and s.capacity == 512 * 1024  # 2 x 64 x ~3 KiB, a power of two
+        first_nonce = small.nonce
+        assert bytes(r.view("a0", small.nonce, small.start, small.nbytes, small.end)) == bytes(join_parts(blob(3000, 5)))
+        queued = decode_frame(s.frame(_Msg(3000)), limits)  # still in the first instance
+        big = decode_frame(s.frame(_Msg(20_000)), limits)  # 64 of these no longer fit: a larger instance
+        assert big.nonce != first_nonce and s.capacity == 4 << 20
+        assert bytes(r.view("a0", queued.nonce, queued.start, queued.nbytes, queued.end)) == bytes(
+            join_parts(blob(3000, 5)))  # the old instance's queued reference is still served
+        assert bytes(r.view("a0", big.nonce, big.start, big.nbytes, big.end)) == bytes(join_parts(blob(20_000, 5)))
+        huge = decode_frame(s.frame(_Msg(600_000)), limits)  # capped at max_bytes
+        assert s.capacity == 32 << 20 and isinstance(huge, InsertRef)
+        s.reset()  # a route change: the next message makes a new instance
+        assert s.capacity == 0 and decode_frame(s.frame(_Msg(3000)), limits).nonce not in (first_nonce, big.nonce)
+    finally:
+        r.close()
+        s.close()
+
+
+def test_sender_without_room_in_dev_shm_sends_inline(run_id, monkeypatch):
+    from apex_local.transport import insert_ring
+    from apex_local.transport.shm import ShmError
+
+    def no_space(*a, **k):
+        raise ShmError("needs 524288 bytes but only 0 are free")
+
+    logs = []
+    monkeypatch.setattr(insert_ring, "InsertRingWriter", no_space)
+    s = insert_ring.InsertRingSender(run_id, "a0", 32 << 20, queue=64, log=logs.append)
+    for _ in range(3):
+        assert bytes(s.frame(_Msg(3000))) == bytes(join_parts(blob(3000, 5)))
+    assert len(logs) == 1 and "inline" in logs[0]
+    s.close()

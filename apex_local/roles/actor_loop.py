@@ -26,7 +26,7 @@ from apex_local.metrics import NullRecorder, Recorder
 from apex_local.networks import load_flat_parameters, make_network, num_flat_parameters
 from apex_local.roles.gorila_replay import insert_route
 from apex_local.transport import Insert, WeightsBoard, endpoints, make_socket, new_context, segment_name, send_message
-from apex_local.transport.insert_ring import InsertRingWriter, insert_frame, ring_enabled
+from apex_local.transport.insert_ring import InsertRingSender, insert_frame, ring_enabled
 from apex_local.transport.shm import ShmError
 
 
@@ -46,7 +46,7 @@ class ActorService:
         self.route = insert_route(cfg, run_id, index)  # Gorila local replay: the learner this actor feeds
         self.push = make_socket(self.ctx, "push", cfg.transport,
                                 connect=self.route.endpoint if self.route else endpoints(cfg, run_id)["replay"])
-        self.ring: InsertRingWriter | None = None
+        self.ring: InsertRingSender | None = None
         self._open_ring()
         if cfg.transport.weights_transport == "pub":  # remote actor: weights from the learner's PUB, not shm
             from apex_local.transport import WeightsSubscriber
@@ -62,17 +62,15 @@ class ActorService:
         self._build_env()
 
     def _open_ring(self) -> None:
-        """This actor's shared-memory insert ring (a new instance each call: a replay still
-        draining the old one never races the new), or None: inserts go inline."""
+        """This actor's shared-memory insert ring (made at the first message, sized to them; a
+        new instance after each call: a replay still draining the old one never races the new),
+        or None: inserts go inline."""
         if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        if not ring_enabled(self.cfg.transport):
+            self.ring.reset()
             return
-        try:
-            self.ring = InsertRingWriter(self.run_id, f"actor{self.index}", self.cfg.transport.insert_ring_mb << 20)
-        except (ShmError, OSError) as exc:  # e.g. /dev/shm too small: inline inserts still work
-            self.log(f"no insert ring ({exc}); sending inserts inline")
+        if ring_enabled(self.cfg.transport):
+            self.ring = InsertRingSender(self.run_id, f"actor{self.index}", self.cfg.transport.insert_ring_mb << 20,
+                                         queue=self.cfg.transport.send_hwm, log=self.log)
 
     # ------------------------------------------------------------------ env
     def _build_env(self) -> None:
@@ -186,7 +184,9 @@ class ActorService:
                      env_steps=self.unreported_steps, episode_returns=self.pending_returns[:256],
                      episode_lengths=self.pending_lengths[:256], chunk=chunk)
         t0 = time.monotonic()
-        frame = insert_frame(msg, self.ring)  # encoded once: a send that times out is retried with it
+        # encoded once (a send that times out is retried with it): a reference into this actor's
+        # insert ring, or the message itself
+        frame = self.ring.frame(msg) if self.ring is not None else insert_frame(msg, None)
         while not send_message(self.push, frame):  # SNDTIMEO expired: replay slow or gone
             now = time.monotonic()  # count blocked time as it accrues, so a stall shows while it lasts
             self.blocked_seconds += now - t0

@@ -51,7 +51,7 @@ import numpy as np
 from apex_local.transport.codec import RING_REASONS, ProtocolError, envelope_size, join_parts
 from apex_local.transport.shm import SHM_DIR, Segment, ShmError, segment_name
 
-__all__ = ["RING_REASONS", "InsertRingWriter", "InsertRingReader", "ring_segment_name", "HEADER_BYTES", "ring_enabled", "insert_frame"]
+__all__ = ["RING_REASONS", "InsertRingSender", "InsertRingWriter", "InsertRingReader", "ring_segment_name", "HEADER_BYTES", "ring_enabled", "insert_frame"]
 
 MAGIC = b"APXRING1"
 HEADER_BYTES = 4096
@@ -289,3 +289,64 @@ def insert_frame(msg, writer: InsertRingWriter | None) -> np.ndarray:
             return InsertRef(sender=msg.sender, weights_version=msg.weights_version, ring=writer.ring,
                              nonce=writer.nonce, start=start, nbytes=nbytes, end=end).to_frame()
     return join_parts(parts)
+
+
+class InsertRingSender:
+    """An actor's ring, made at its first message and sized to its messages: room for
+    ``2 x queue`` of them (``queue`` = the socket's send high-water mark: the references a replay
+    may have queued), rounded up to a power of two, at least 256 KiB and at most ``max_bytes``
+    (``transport.insert_ring_mb``). A CartPole actor's ring is then ~1 MiB, a Pong actor's the
+    32 MiB cap. A message that outgrows the ring makes a larger instance (a new nonce: references
+    into the old one are still served while the replay holds its mapping). ``reset()`` (a route
+    change) drops the instance; the next message makes a new one. Failing to make one (a full
+    /dev/shm) sends inline and is logged once."""
+
+    MIN_BYTES = 256 * 1024
+
+    def __init__(self, run_id: str, ring: str, max_bytes: int, queue: int, log=print) -> None:
+        self.run_id, self.ring_id, self.max_bytes, self.queue, self.log = run_id, ring, int(max_bytes), int(queue), log
+        self.writer: InsertRingWriter | None = None
+        self.failed = False
+
+    def _want(self, nbytes: int) -> int:
+        want = max(self.MIN_BYTES, 2 * self.queue * _aligned(nbytes))
+        return min(1 << (want - 1).bit_length(), _aligned(self.max_bytes))
+
+    def frame(self, msg) -> np.ndarray:
+        """The frame to push for the `Insert` ``msg`` (`insert_frame` through this actor's ring)."""
+        from apex_local.transport.protocol import InsertRef
+
+        parts = msg.encode()
+        if self.failed or self.max_bytes < MIN_CAPACITY:
+            return join_parts(parts)
+        nbytes = envelope_size(parts)
+        want = self._want(nbytes)
+        # a new instance at the first message, and when a queue of messages this size no longer fits
+        if self.writer is None or (self.writer.capacity < want and self.queue * _aligned(nbytes) > self.writer.capacity):
+            self._replace(want)
+        got = self.writer.put(parts) if self.writer is not None else None
+        if got is None:
+            return join_parts(parts)
+        start, nbytes, end = got
+        return InsertRef(sender=msg.sender, weights_version=msg.weights_version, ring=self.writer.ring,
+                         nonce=self.writer.nonce, start=start, nbytes=nbytes, end=end).to_frame()
+
+    def _replace(self, capacity: int) -> None:
+        self.reset()
+        try:
+            self.writer = InsertRingWriter(self.run_id, self.ring_id, capacity)
+        except (ShmError, OSError) as exc:  # e.g. /dev/shm too small: inline inserts still work
+            self.failed = True
+            self.log(f"no insert ring ({exc}); sending inserts inline")
+
+    @property
+    def capacity(self) -> int:
+        return self.writer.capacity if self.writer is not None else 0
+
+    def reset(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def close(self) -> None:
+        self.reset()
