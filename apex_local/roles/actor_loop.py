@@ -26,7 +26,7 @@ from apex_local.metrics import NullRecorder, Recorder
 from apex_local.networks import load_flat_parameters, make_network, num_flat_parameters
 from apex_local.roles.gorila_replay import insert_route
 from apex_local.transport import Insert, WeightsBoard, endpoints, make_socket, new_context, segment_name, send_message
-from apex_local.transport.insert_ring import InsertRingSender, insert_frame, ring_enabled
+from apex_local.transport.insert_ring import InsertRingSender, ring_enabled
 from apex_local.transport.shm import ShmError
 
 
@@ -186,7 +186,7 @@ class ActorService:
         t0 = time.monotonic()
         # encoded once (a send that times out is retried with it): a reference into this actor's
         # insert ring, or the message itself
-        frame = self.ring.frame(msg) if self.ring is not None else insert_frame(msg, None)
+        frame = self.ring.frame(msg) if self.ring is not None else msg.to_frame()
         while not send_message(self.push, frame):  # SNDTIMEO expired: replay slow or gone
             now = time.monotonic()  # count blocked time as it accrues, so a stall shows while it lasts
             self.blocked_seconds += now - t0

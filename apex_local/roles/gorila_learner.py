@@ -49,6 +49,7 @@ from apex_local.transport.shm import ShmError
 
 class GorilaLearnerService(LearnerService):
     TRAIN_IN_SLOT = False  # its _train_on pushes gradients (no optimizer step to hold back): copy out
+
     def __init__(self, cfg: Config, run_id: str, spec, index: int = 0, recorder: Recorder | None = None,
                  log=print) -> None:
         # The attributes LearnerService.__init__ sets, minus the weights board it would create (the

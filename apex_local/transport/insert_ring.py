@@ -46,12 +46,14 @@ import struct
 import time
 from collections import OrderedDict
 from dataclasses import replace
+
 import numpy as np
 
 from apex_local.transport.codec import RING_REASONS, ProtocolError, envelope_size, join_parts
 from apex_local.transport.shm import SHM_DIR, Segment, ShmError, segment_name
 
-__all__ = ["RING_REASONS", "InsertRingSender", "InsertRingWriter", "InsertRingReader", "ring_segment_name", "HEADER_BYTES", "ring_enabled", "insert_frame"]
+__all__ = ["RING_REASONS", "InsertRingSender", "InsertRingWriter", "InsertRingReader", "ring_segment_name",
+           "HEADER_BYTES", "ring_enabled", "insert_frame"]
 
 MAGIC = b"APXRING1"
 HEADER_BYTES = 4096
@@ -99,16 +101,17 @@ class InsertRingWriter:
         self._consumed = np.ndarray((1,), np.uint64, buffer=self.segment.mmap, offset=_CONSUMED_AT)
         self._data = np.ndarray((capacity,), np.uint8, buffer=self.segment.mmap, offset=HEADER_BYTES)
         self.head = 0  # absolute position of the next write
-        self.written = self.full = 0  # messages put / refused for want of room
+        self.full = 0  # messages refused for want of room
 
     @property
     def consumed(self) -> int:
         return int(self._consumed[0])
 
-    def put(self, parts) -> tuple[int, int, int] | None:
-        """Write the envelope of ``parts`` (`Message.encode`); (start, nbytes, end), or None when
-        it does not fit in the free part of the ring now (the caller sends it inline)."""
-        nbytes = envelope_size(parts)
+    def put(self, parts, nbytes: int | None = None) -> tuple[int, int, int] | None:
+        """Write the envelope of ``parts`` (`Message.encode`; ``nbytes``: its `envelope_size`, if
+        known); (start, nbytes, end), or None when it does not fit in the free part of the ring
+        now (the caller sends it inline)."""
+        nbytes = envelope_size(parts) if nbytes is None else nbytes
         pos = self.head % self.capacity
         start = self.head if pos + nbytes <= self.capacity else self.head + (self.capacity - pos)
         end = start + _aligned(nbytes)
@@ -118,7 +121,6 @@ class InsertRingWriter:
         off = start % self.capacity
         join_parts(parts, out=self._data[off:off + nbytes])
         self.head = end
-        self.written += 1
         return start, nbytes, end
 
     def close(self) -> None:
@@ -279,23 +281,25 @@ class InsertRingReader:
 def insert_frame(msg, writer: InsertRingWriter | None) -> np.ndarray:
     """The frame to push for the `Insert` ``msg``: an `InsertRef` when ``writer``'s ring takes the
     message, else the message itself (no ring, or the ring is full for now)."""
+    return _ref_or_inline(msg, msg.encode(), writer)
+
+
+def _ref_or_inline(msg, parts, writer: InsertRingWriter | None, nbytes: int | None = None) -> np.ndarray:
     from apex_local.transport.protocol import InsertRef
 
-    parts = msg.encode()
-    if writer is not None:
-        got = writer.put(parts)
-        if got is not None:
-            start, nbytes, end = got
-            return InsertRef(sender=msg.sender, weights_version=msg.weights_version, ring=writer.ring,
-                             nonce=writer.nonce, start=start, nbytes=nbytes, end=end).to_frame()
-    return join_parts(parts)
+    got = writer.put(parts, nbytes) if writer is not None else None
+    if got is None:
+        return join_parts(parts)
+    start, nbytes, end = got
+    return InsertRef(sender=msg.sender, weights_version=msg.weights_version, ring=writer.ring,
+                     nonce=writer.nonce, start=start, nbytes=nbytes, end=end).to_frame()
 
 
 class InsertRingSender:
     """An actor's ring, made at its first message and sized to its messages: room for
     ``2 x queue`` of them (``queue`` = the socket's send high-water mark: the references a replay
     may have queued), rounded up to a power of two, at least 256 KiB and at most ``max_bytes``
-    (``transport.insert_ring_mb``). A CartPole actor's ring is then ~1 MiB, a Pong actor's the
+    (``transport.insert_ring_mb``). A CartPole actor's ring is then 512 KiB, a Pong actor's the
     32 MiB cap. A message that outgrows the ring makes a larger instance (a new nonce: references
     into the old one are still served while the replay holds its mapping). ``reset()`` (a route
     change) drops the instance; the next message makes a new one. Failing to make one (a full
@@ -314,8 +318,6 @@ class InsertRingSender:
 
     def frame(self, msg) -> np.ndarray:
         """The frame to push for the `Insert` ``msg`` (`insert_frame` through this actor's ring)."""
-        from apex_local.transport.protocol import InsertRef
-
         parts = msg.encode()
         if self.failed or self.max_bytes < MIN_CAPACITY:
             return join_parts(parts)
@@ -324,12 +326,7 @@ class InsertRingSender:
         # a new instance at the first message, and when a queue of messages this size no longer fits
         if self.writer is None or (self.writer.capacity < want and self.queue * _aligned(nbytes) > self.writer.capacity):
             self._replace(want)
-        got = self.writer.put(parts) if self.writer is not None else None
-        if got is None:
-            return join_parts(parts)
-        start, nbytes, end = got
-        return InsertRef(sender=msg.sender, weights_version=msg.weights_version, ring=self.writer.ring,
-                         nonce=self.writer.nonce, start=start, nbytes=nbytes, end=end).to_frame()
+        return _ref_or_inline(msg, parts, self.writer, nbytes)
 
     def _replace(self, capacity: int) -> None:
         self.reset()
