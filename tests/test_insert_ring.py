@@ -5,6 +5,7 @@ inserts."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import numpy as np
@@ -391,14 +392,16 @@ def test_sender_sizes_the_ring_to_its_messages_and_grows_it(run_id):
         assert s.capacity == 0  # nothing made before the first message
         small = decode_frame(s.frame(_Msg(3000)), limits)
         assert isinstance(small, InsertRef) and s.capacity == 512 * 1024  # 2 x 64 x ~3 KiB, a power of two
+        assert small.ring == "a0.0"  # each instance its own segment
         first_nonce = small.nonce
-        assert bytes(r.view("a0", small.nonce, small.start, small.nbytes, small.end)) == bytes(join_parts(blob(3000, 5)))
+        assert bytes(r.view(small.ring, small.nonce, small.start, small.nbytes, small.end)) == bytes(
+            join_parts(blob(3000, 5)))
         queued = decode_frame(s.frame(_Msg(3000)), limits)  # still in the first instance
         big = decode_frame(s.frame(_Msg(20_000)), limits)  # 64 of these no longer fit: a larger instance
-        assert big.nonce != first_nonce and s.capacity == 4 << 20
-        assert bytes(r.view("a0", queued.nonce, queued.start, queued.nbytes, queued.end)) == bytes(
+        assert big.nonce != first_nonce and big.ring == "a0.1" and s.capacity == 4 << 20
+        assert bytes(r.view(queued.ring, queued.nonce, queued.start, queued.nbytes, queued.end)) == bytes(
             join_parts(blob(3000, 5)))  # the old instance's queued reference is still served
-        assert bytes(r.view("a0", big.nonce, big.start, big.nbytes, big.end)) == bytes(join_parts(blob(20_000, 5)))
+        assert bytes(r.view(big.ring, big.nonce, big.start, big.nbytes, big.end)) == bytes(join_parts(blob(20_000, 5)))
         huge = decode_frame(s.frame(_Msg(600_000)), limits)  # capped at max_bytes
         assert s.capacity == 32 << 20 and isinstance(huge, InsertRef)
         s.reset()  # a route change: the next message makes a new instance
@@ -406,6 +409,64 @@ def test_sender_sizes_the_ring_to_its_messages_and_grows_it(run_id):
     finally:
         r.close()
         s.close()
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(ring_segment_name(run_id, "a0"))]
+
+
+def test_route_change_keeps_the_old_instance_until_its_unread_references_are_stored(run_id):
+    """A rate-limited replay has not read (nor mapped) the old instance when the actor moves to
+    another replay: its queued references must still be served (CI flake: 'stale_ref' at the
+    learner an actor had just left), and the old instance goes once they are consumed."""
+    from apex_local.transport.insert_ring import InsertRingSender
+
+    limits = DecodeLimits(kinds=frozenset({"insert_ref"}))
+    s = InsertRingSender(run_id, "a1", 32 << 20, queue=64)
+    old_reader, new_reader = InsertRingReader(run_id), InsertRingReader(run_id)
+    shm = lambda: sorted(f for f in os.listdir("/dev/shm") if f.startswith(ring_segment_name(run_id, "a1")))  # noqa: E731
+    try:
+        queued = [decode_frame(s.frame(_Msg(3000 + i)), limits) for i in range(3)]  # unread by old_reader
+        s.reset()  # route change before the old replay read anything
+        moved = decode_frame(s.frame(_Msg(5000)), limits)
+        assert moved.ring != queued[0].ring and len(shm()) == 2
+        assert bytes(new_reader.view(moved.ring, moved.nonce, moved.start, moved.nbytes, moved.end)) == bytes(
+            join_parts(blob(5000, 5)))
+        new_reader.release()
+        for i, ref in enumerate(queued):  # the old replay catches up: every reference served
+            assert bytes(old_reader.view(ref.ring, ref.nonce, ref.start, ref.nbytes, ref.end)) == bytes(
+                join_parts(blob(3000 + i, 5)))
+        old_reader.release()  # consumed all of it ...
+        s.frame(_Msg(5000))
+        assert shm() == [ring_segment_name(run_id, moved.ring)]  # ... so the next message unlinks it
+    finally:
+        old_reader.close()
+        new_reader.close()
+        s.close()
+    assert shm() == []
+
+
+@pytest.mark.parametrize("case", ["timeout", "too_many", "close"])
+def test_retired_instances_are_unlinked_after_a_while_beyond_a_count_and_at_close(run_id, case):
+    from apex_local.transport.insert_ring import InsertRingSender
+
+    s = InsertRingSender(run_id, "a2", 32 << 20, queue=64)
+    shm = lambda: sorted(f for f in os.listdir("/dev/shm") if f.startswith(ring_segment_name(run_id, "a2")))  # noqa: E731
+    try:
+        rounds = s.MAX_RETIRED + 2 if case == "too_many" else 1
+        for _ in range(rounds):  # instances whose references nobody reads (a dead consumer)
+            s.frame(_Msg(3000))
+            s.reset()
+        if case == "timeout":
+            assert len(s.retired) == 1
+            s._sweep(now=time.monotonic() + s.RETIRE_S + 1)
+            assert s.retired == [] and shm() == []
+        elif case == "too_many":
+            assert len(s.retired) == s.MAX_RETIRED and len(shm()) == s.MAX_RETIRED
+            assert [w.ring for w, _ in s.retired] == [f"a2.{k}" for k in range(2, rounds)]  # the oldest went
+        else:
+            s.frame(_Msg(3000))
+            assert len(shm()) == 2
+    finally:
+        s.close()
+    assert shm() == [] and s.retired == []
 
 
 def test_sender_without_room_in_dev_shm_sends_inline(run_id, monkeypatch):

@@ -34,8 +34,10 @@ weights board's seqlock (CPython emits no fences); on weakly ordered CPUs the de
 are what would catch a message overwritten early.
 
 Lost references (a consumer that died with a queue) cost nothing: the next stored message's
-``end`` moves ``consumed`` past them. A route change (Gorila: another learner's replay) makes
-a new ring instance, so a consumer still draining the old one never races the new one.
+``end`` moves ``consumed`` past them. A route change (Gorila: another learner's replay) or a
+larger ring makes a new instance in its own segment (`InsertRingSender`); the old one stays
+until its consumer has consumed it (or `InsertRingSender.RETIRE_S`), so a consumer that has
+not even mapped it yet (rate-limited, not reading its socket) still stores what it was sent.
 """
 from __future__ import annotations
 
@@ -174,7 +176,7 @@ def _open_ring(name: str, ring: str, nonce: int) -> _Attached:
                                            f"({seg.size} bytes)")
         if seg_nonce != nonce:
             raise ProtocolError("stale_ref", f"insert ring {ring!r}: no instance with that nonce (the actor "
-                                             "restarted or changed its replay, or a made-up reference)")
+                                             "restarted, or retired it long ago, or a made-up reference)")
         return _Attached(seg, ring, nonce, capacity)
     except BaseException:
         seg.close()
@@ -300,16 +302,25 @@ class InsertRingSender:
     ``2 x queue`` of them (``queue`` = the socket's send high-water mark: the references a replay
     may have queued), rounded up to a power of two, at least 256 KiB and at most ``max_bytes``
     (``transport.insert_ring_mb``). A CartPole actor's ring is then 512 KiB, a Pong actor's the
-    32 MiB cap. A message that outgrows the ring makes a larger instance (a new nonce: references
-    into the old one are still served while the replay holds its mapping). ``reset()`` (a route
-    change) drops the instance; the next message makes a new one. Failing to make one (a full
-    /dev/shm) sends inline and is logged once."""
+    32 MiB cap. A message that outgrows the ring makes a larger instance; ``reset()`` (a route
+    change) drops the instance and the next message makes a new one. Failing to make one (a full
+    /dev/shm) sends inline and is logged once.
+
+    Each instance has its own segment, ring id ``<ring>.<k>`` (k counts this sender's
+    instances). A replaced instance is retired, not unlinked: references to it may still sit
+    unread in a replay's queue (a rate-limited replay does not read its socket, so it may not
+    have mapped the instance yet). It is unlinked once its consumer has consumed all of it, after
+    `RETIRE_S`, or beyond `MAX_RETIRED` retired instances (oldest first)."""
 
     MIN_BYTES = 256 * 1024
+    RETIRE_S = 60.0  # a consumer this far behind (or dead) loses the references it still has queued
+    MAX_RETIRED = 4
 
     def __init__(self, run_id: str, ring: str, max_bytes: int, queue: int, log=print) -> None:
         self.run_id, self.ring_id, self.max_bytes, self.queue, self.log = run_id, ring, int(max_bytes), int(queue), log
         self.writer: InsertRingWriter | None = None
+        self.retired: list[tuple[InsertRingWriter, float]] = []  # (instance, when retired), oldest first
+        self.instances = 0
         self.failed = False
 
     def _want(self, nbytes: int) -> int:
@@ -319,6 +330,8 @@ class InsertRingSender:
     def frame(self, msg) -> np.ndarray:
         """The frame to push for the `Insert` ``msg`` (`insert_frame` through this actor's ring)."""
         parts = msg.encode()
+        if self.retired:
+            self._sweep()
         if self.failed or self.max_bytes < MIN_CAPACITY:
             return join_parts(parts)
         nbytes = envelope_size(parts)
@@ -331,19 +344,39 @@ class InsertRingSender:
     def _replace(self, capacity: int) -> None:
         self.reset()
         try:
-            self.writer = InsertRingWriter(self.run_id, self.ring_id, capacity)
+            self.writer = InsertRingWriter(self.run_id, f"{self.ring_id}.{self.instances}", capacity)
+            self.instances += 1
         except (ShmError, OSError) as exc:  # e.g. /dev/shm too small: inline inserts still work
             self.failed = True
             self.log(f"no insert ring ({exc}); sending inserts inline")
+
+    def _sweep(self, now: float | None = None) -> None:
+        """Unlink retired instances that are consumed, older than `RETIRE_S`, or too many."""
+        now = time.monotonic() if now is None else now
+        keep = []
+        for w, since in self.retired:
+            if w.consumed >= w.head or now - since > self.RETIRE_S:
+                w.close()
+            else:
+                keep.append((w, since))
+        while len(keep) > self.MAX_RETIRED:
+            keep.pop(0)[0].close()
+        self.retired = keep
 
     @property
     def capacity(self) -> int:
         return self.writer.capacity if self.writer is not None else 0
 
     def reset(self) -> None:
+        """Retire the current instance (the next message makes a new one)."""
         if self.writer is not None:
-            self.writer.close()
+            self.retired.append((self.writer, time.monotonic()))
             self.writer = None
+            self._sweep()
 
     def close(self) -> None:
+        """Unlink every instance, retired ones too (the actor is stopping)."""
         self.reset()
+        for w, _ in self.retired:
+            w.close()
+        self.retired = []
