@@ -392,13 +392,13 @@ def test_sender_sizes_the_ring_to_its_messages_and_grows_it(run_id):
         assert s.capacity == 0  # nothing made before the first message
         small = decode_frame(s.frame(_Msg(3000)), limits)
         assert isinstance(small, InsertRef) and s.capacity == 512 * 1024  # 2 x 64 x ~3 KiB, a power of two
-        assert small.ring == "a0.0"  # each instance its own segment
+        assert small.ring == f"a0.p{os.getpid()}.0"  # each instance its own segment
         first_nonce = small.nonce
         assert bytes(r.view(small.ring, small.nonce, small.start, small.nbytes, small.end)) == bytes(
             join_parts(blob(3000, 5)))
         queued = decode_frame(s.frame(_Msg(3000)), limits)  # still in the first instance
         big = decode_frame(s.frame(_Msg(20_000)), limits)  # 64 of these no longer fit: a larger instance
-        assert big.nonce != first_nonce and big.ring == "a0.1" and s.capacity == 4 << 20
+        assert big.nonce != first_nonce and big.ring == f"a0.p{os.getpid()}.1" and s.capacity == 4 << 20
         assert bytes(r.view(queued.ring, queued.nonce, queued.start, queued.nbytes, queued.end)) == bytes(
             join_parts(blob(3000, 5)))  # the old instance's queued reference is still served
         assert bytes(r.view(big.ring, big.nonce, big.start, big.nbytes, big.end)) == bytes(join_parts(blob(20_000, 5)))
@@ -460,13 +460,69 @@ def test_retired_instances_are_unlinked_after_a_while_beyond_a_count_and_at_clos
             assert s.retired == [] and shm() == []
         elif case == "too_many":
             assert len(s.retired) == s.MAX_RETIRED and len(shm()) == s.MAX_RETIRED
-            assert [w.ring for w, _ in s.retired] == [f"a2.{k}" for k in range(2, rounds)]  # the oldest went
+            assert [w.ring for w, _ in s.retired] == [f"a2.p{os.getpid()}.{k}" for k in range(2, rounds)]  # the oldest went
         else:
             s.frame(_Msg(3000))
             assert len(shm()) == 2
     finally:
         s.close()
     assert shm() == [] and s.retired == []
+
+
+def test_a_restarted_actor_adopts_its_dead_predecessors_rings_and_leaves_a_live_ones_alone(run_id):
+    """A SIGKILLed actor unlinks nothing: its successor (same ring id) adopts its instances, so
+    the references the dead one sent are still served, and unlinks each once it is consumed
+    (or after RETIRE_S); an instance of a live process with that ring id is never touched."""
+    import subprocess
+    import sys
+
+    from apex_local.transport.insert_ring import InsertRingSender, InsertRingWriter
+
+    limits = DecodeLimits(kinds=frozenset({"insert_ref"}))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    shm = lambda: sorted(f for f in os.listdir("/dev/shm") if f.startswith(ring_segment_name(run_id, "a3.")))  # noqa: E731
+    r = InsertRingReader(run_id)
+    made = []
+    try:
+        # what a killed actor left: two instances, one with a reference it sent and nobody read,
+        # one fully consumed; and a live actor's instance under the same ring id
+        w_sent = InsertRingWriter(run_id, f"a3.p{dead_pid}.0", 1 << 20)
+        w_done = InsertRingWriter(run_id, f"a3.p{dead_pid}.1", 1 << 20)
+        w_live = InsertRingWriter(run_id, f"a3.p{live.pid}.0", 1 << 20)
+        made += [w_sent, w_done, w_live]
+        ref = decode_frame(insert_frame(_Msg(3000), w_sent), limits)
+        done = decode_frame(insert_frame(_Msg(3000), w_done), limits)
+        r.view(done.ring, done.nonce, done.start, done.nbytes, done.end)
+        r.release()
+        for w in made:  # SIGKILL: nothing unlinked (the writers are dropped without close)
+            w.segment.owner = False
+        assert len(shm()) == 3
+
+        logs = []
+        s = InsertRingSender(run_id, "a3", 32 << 20, queue=64, log=logs.append)
+        try:
+            mine = decode_frame(s.frame(_Msg(3000)), limits)
+            assert len(s.retired) == 2 and "adopted 2 insert ring(s)" in logs[0]
+            assert ring_segment_name(run_id, f"a3.p{live.pid}.0") in shm()  # the live one's stays
+            # the dead actor's queued reference is still served
+            assert bytes(r.view(ref.ring, ref.nonce, ref.start, ref.nbytes, ref.end)) == bytes(join_parts(blob(3000, 5)))
+            r.release()
+            s.frame(_Msg(3000))  # both orphans consumed: unlinked
+            assert s.retired == [] and shm() == sorted([ring_segment_name(run_id, mine.ring),
+                                                         ring_segment_name(run_id, f"a3.p{live.pid}.0")])
+        finally:
+            s.close()
+        assert shm() == [ring_segment_name(run_id, f"a3.p{live.pid}.0")]
+    finally:
+        live.kill()
+        live.wait()
+        r.close()
+        for w in made:
+            w.segment.owner = True
+            w.close()
+    assert shm() == []
 
 
 def test_sender_without_room_in_dev_shm_sends_inline(run_id, monkeypatch):

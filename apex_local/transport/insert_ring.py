@@ -2,7 +2,7 @@
 
 An actor on the replay's host writes each encoded `Insert` (the same one-frame envelope that
 would go over the socket, `codec.join_parts`) into its own ring segment
-``apex_<run>_ins_<ring>`` and pushes a small `InsertRef` (ring, nonce, start, nbytes, end)
+``apex_<run>_ins_<ring>`` (ring: ``actor<i>.p<pid>.<k>``, one per instance) and pushes a small `InsertRef` (ring, nonce, start, nbytes, end)
 instead. The consumer (replay server, Gorila local replay) decodes the message straight out
 of the ring (zero-copy, with every check of the inline path) and, once the message is stored,
 publishes how far it has consumed. What this saves per Pong message of 50 transitions (~390 KB):
@@ -12,10 +12,12 @@ the copy into a fresh ZMQ frame, both I/O threads' socket copies and the receive
 Ring segment layout (little-endian)::
 
     [0, 8)      magic b"APXRING1"
-    [8, 16)     nonce: u64, random per ring instance (an actor restart makes a new one)
+    [8, 16)     nonce: u64, random per ring instance
     [16, 24)    capacity: u64, bytes of the data area
     [24, 32)    consumed: u64, absolute byte position up to which the consumer is done
                 (written by the consumer only)
+    [32, 40)    head: u64, absolute position after the last message written (written by the
+                actor only; consumed == head: everything written has been consumed)
     [4096, 4096 + capacity)   data
 
 Positions are absolute byte counters (they only grow); a message occupies
@@ -62,6 +64,7 @@ HEADER_BYTES = 4096
 ALIGN = 64
 _HEAD = struct.Struct("<8sQQQ")  # magic, nonce, capacity, consumed
 _CONSUMED_AT = 24
+_WRITTEN_AT = 32
 _RING_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MIN_CAPACITY = 64 * 1024
 MAX_ATTACHED = 256  # rings a consumer keeps mapped (least recently used dropped beyond)
@@ -101,6 +104,7 @@ class InsertRingWriter:
         self.segment = Segment.create(ring_segment_name(run_id, ring), HEADER_BYTES + capacity, replace=True)
         _HEAD.pack_into(self.segment.mmap, 0, MAGIC, self.nonce, capacity, 0)
         self._consumed = np.ndarray((1,), np.uint64, buffer=self.segment.mmap, offset=_CONSUMED_AT)
+        self._written = np.ndarray((1,), np.uint64, buffer=self.segment.mmap, offset=_WRITTEN_AT)
         self._data = np.ndarray((capacity,), np.uint8, buffer=self.segment.mmap, offset=HEADER_BYTES)
         self.head = 0  # absolute position of the next write
         self.full = 0  # messages refused for want of room
@@ -123,10 +127,40 @@ class InsertRingWriter:
         off = start % self.capacity
         join_parts(parts, out=self._data[off:off + nbytes])
         self.head = end
+        self._written[0] = end
         return start, nbytes, end
 
     def close(self) -> None:
-        self._consumed = self._data = None
+        self._consumed = self._written = self._data = None
+        self.segment.close()
+
+
+class _Orphan:
+    """A ring instance left by a dead actor of the same ring id (SIGKILL: no atexit), adopted by
+    its successor: unlinked once its consumer has consumed what was written (the references the
+    dead actor sent are still stored) or when it is retired for too long, as a retired instance."""
+
+    def __init__(self, segment: Segment) -> None:
+        self.segment, self.ring = segment, segment.name
+        magic, _, capacity, consumed = _HEAD.unpack_from(segment.mmap, 0) if segment.size >= 40 else (b"",) * 4
+        ok = magic == MAGIC and segment.size == HEADER_BYTES + capacity
+        self._header = np.ndarray((2,), np.uint64, buffer=segment.mmap, offset=_CONSUMED_AT) if ok else None
+
+    @property
+    def consumed(self) -> int:
+        return int(self._header[0]) if self._header is not None else 0
+
+    @property
+    def head(self) -> int:
+        return int(self._header[1]) if self._header is not None else 0
+
+    def close(self) -> None:
+        self._header = None
+        if not self.segment.replaced():
+            try:
+                os.unlink(self.segment.path)
+            except FileNotFoundError:
+                pass
         self.segment.close()
 
 
@@ -306,11 +340,13 @@ class InsertRingSender:
     change) drops the instance and the next message makes a new one. Failing to make one (a full
     /dev/shm) sends inline and is logged once.
 
-    Each instance has its own segment, ring id ``<ring>.<k>`` (k counts this sender's
+    Each instance has its own segment, ring id ``<ring>.p<pid>.<k>`` (k counts this sender's
     instances). A replaced instance is retired, not unlinked: references to it may still sit
     unread in a replay's queue (a rate-limited replay does not read its socket, so it may not
     have mapped the instance yet). It is unlinked once its consumer has consumed all of it, after
-    `RETIRE_S`, or beyond `MAX_RETIRED` retired instances (oldest first)."""
+    `RETIRE_S`, or beyond `MAX_RETIRED` retired instances (oldest first). The instances a dead
+    predecessor (a killed actor of the same ring id) left behind are adopted at the first
+    message and retired the same way, so what it sent before dying is still stored."""
 
     MIN_BYTES = 256 * 1024
     RETIRE_S = 60.0  # a consumer this far behind (or dead) loses the references it still has queued
@@ -319,9 +355,10 @@ class InsertRingSender:
     def __init__(self, run_id: str, ring: str, max_bytes: int, queue: int, log=print) -> None:
         self.run_id, self.ring_id, self.max_bytes, self.queue, self.log = run_id, ring, int(max_bytes), int(queue), log
         self.writer: InsertRingWriter | None = None
-        self.retired: list[tuple[InsertRingWriter, float]] = []  # (instance, when retired), oldest first
+        self.retired: list[tuple[InsertRingWriter | _Orphan, float]] = []  # (instance, when retired), oldest first
         self.instances = 0
         self.failed = False
+        self.pid = os.getpid()
 
     def _want(self, nbytes: int) -> int:
         want = max(self.MIN_BYTES, 2 * self.queue * _aligned(nbytes))
@@ -343,12 +380,39 @@ class InsertRingSender:
 
     def _replace(self, capacity: int) -> None:
         self.reset()
+        if self.instances == 0:
+            self._adopt_orphans()
         try:
-            self.writer = InsertRingWriter(self.run_id, f"{self.ring_id}.{self.instances}", capacity)
+            self.writer = InsertRingWriter(self.run_id, f"{self.ring_id}.p{self.pid}.{self.instances}", capacity)
             self.instances += 1
         except (ShmError, OSError) as exc:  # e.g. /dev/shm too small: inline inserts still work
             self.failed = True
             self.log(f"no insert ring ({exc}); sending inserts inline")
+
+    def _adopt_orphans(self) -> None:
+        """Retire the instances of dead actors with this ring id (``<ring>.p<pid>.<k>``, pid not
+        a live process); a live one's (two actors given one index) are left alone."""
+        from apex_local.transport.rundir import process_alive
+
+        prefix = ring_segment_name(self.run_id, f"{self.ring_id}.p")
+        try:
+            names = sorted(os.listdir(SHM_DIR))
+        except OSError:
+            return
+        now = time.monotonic()
+        for name in names:
+            m = re.fullmatch(r"(\d+)\.\d+", name[len(prefix):]) if name.startswith(prefix) else None
+            if m is None or int(m.group(1)) == self.pid or process_alive(int(m.group(1))):
+                continue
+            try:
+                if not stat.S_ISREG(os.lstat(os.path.join(SHM_DIR, name)).st_mode):
+                    continue
+                self.retired.append((_Orphan(Segment.attach(name)), now))
+            except (ShmError, OSError, ValueError):
+                continue  # gone meanwhile, or not ours to read
+        if self.retired:
+            self.log(f"adopted {len(self.retired)} insert ring(s) of a stopped actor {self.ring_id!r}; "
+                     "unlinked once their queued messages are stored")
 
     def _sweep(self, now: float | None = None) -> None:
         """Unlink retired instances that are consumed, older than `RETIRE_S`, or too many."""
