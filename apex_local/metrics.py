@@ -37,6 +37,9 @@ CATALOGUE: dict[str, MetricDef] = {
     "apex_actor_weights_version": MetricDef("gauge", "Weights version the actor acts with"),
     "apex_actor_inserted_total": MetricDef("counter", "Items sent to replay"),
     "apex_actor_send_blocked_seconds_total": MetricDef("counter", "Time spent blocked sending to replay"),
+    "apex_actor_ring_full_total": MetricDef(
+        "counter", "Insert messages sent inline because the actor's shared-memory insert ring had no room "
+                   "(its replay is behind)"),
     "apex_actor_env_errors_total": MetricDef("counter", "Environment errors survived (env rebuilt)"),
     # replay
     "apex_replay_size": MetricDef("gauge", "Items currently stored in replay"),
@@ -110,7 +113,7 @@ _UNITS = {
     "apex_actor_env_steps_total": "steps", "apex_actor_episodes_total": "episodes",
     "apex_actor_episode_return": "return", "apex_actor_epsilon": "probability",
     "apex_actor_weights_version": "version", "apex_actor_inserted_total": "items",
-    "apex_actor_env_errors_total": "errors",
+    "apex_actor_env_errors_total": "errors", "apex_actor_ring_full_total": "messages",
     "apex_replay_size": "items", "apex_replay_capacity": "items", "apex_replay_inserted_total": "items",
     "apex_replay_ring_messages_total": "messages",
     "apex_replay_sampled_total": "items", "apex_replay_priority_updates_total": "items",

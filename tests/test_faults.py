@@ -81,6 +81,13 @@ def test_1_actor_killed_mid_send_inserts_nothing_partial_and_a_restarted_actor_r
     rep = t.metrics("replay")
     assert rep.get("apex_replay_rejected_messages_total", 0) == 0, t.dump()  # no partial message got through
     assert rep.get("apex_replay_gap_items_total", 0) == 0  # a restarted actor starts new streams
+    # each restarted actor adopted the insert rings its killed predecessor left (SIGKILL unlinks
+    # nothing) and removes them once the replay has stored what they held (or after 60 s)
+    assert "adopted" in t.log("actor.1"), t.log("actor.1")
+    live = t.procs["actor.1"].pid
+    dead_rings = lambda: [f for f in os.listdir("/dev/shm")  # noqa: E731
+                          if f.startswith(f"apex_{t.run_id}_ins_actor1.") and f".p{live}." not in f]
+    t.wait_for(lambda: not dead_rings(), 90, "the killed actors' insert rings removed")
     assert_clean_exit(t)
 
 

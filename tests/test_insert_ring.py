@@ -456,7 +456,7 @@ def test_retired_instances_are_unlinked_after_a_while_beyond_a_count_and_at_clos
             s.reset()
         if case == "timeout":
             assert len(s.retired) == 1
-            s._sweep(now=time.monotonic() + s.RETIRE_S + 1)
+            s.sweep(now=time.monotonic() + s.RETIRE_S + 1)
             assert s.retired == [] and shm() == []
         elif case == "too_many":
             assert len(s.retired) == s.MAX_RETIRED and len(shm()) == s.MAX_RETIRED
@@ -505,6 +505,9 @@ def test_a_restarted_actor_adopts_its_dead_predecessors_rings_and_leaves_a_live_
         try:
             mine = decode_frame(s.frame(_Msg(3000)), limits)
             assert len(s.retired) == 2 and "adopted 2 insert ring(s)" in logs[0]
+            s.sweep()  # the consumed orphan goes, the one with a queued reference stays
+            assert [w.segment.name for w, _ in s.retired] == [ring_segment_name(run_id, ref.ring)]
+            assert ring_segment_name(run_id, ref.ring) in shm()
             assert ring_segment_name(run_id, f"a3.p{live.pid}.0") in shm()  # the live one's stays
             # the dead actor's queued reference is still served
             assert bytes(r.view(ref.ring, ref.nonce, ref.start, ref.nbytes, ref.end)) == bytes(join_parts(blob(3000, 5)))
@@ -523,6 +526,91 @@ def test_a_restarted_actor_adopts_its_dead_predecessors_rings_and_leaves_a_live_
             w.segment.owner = True
             w.close()
     assert shm() == []
+
+
+def test_a_sender_adopts_an_earlier_process_s_rings_under_its_own_pid_and_never_replaces_them(run_id):
+    """pid reuse: a file under this process's pid was an earlier (dead) process's; its queued
+    reference is still served and the sender's own instance takes the next free name."""
+    from apex_local.transport.insert_ring import InsertRingSender, InsertRingWriter
+
+    limits = DecodeLimits(kinds=frozenset({"insert_ref"}))
+    r = InsertRingReader(run_id)
+    old = InsertRingWriter(run_id, f"a5.p{os.getpid()}.0", 1 << 20)
+    ref = decode_frame(insert_frame(_Msg(3000), old), limits)
+    old.segment.owner = False  # its process "died"
+    s = InsertRingSender(run_id, "a5", 32 << 20, queue=64, log=lambda m: None)
+    try:
+        mine = decode_frame(s.frame(_Msg(3000)), limits)
+        assert mine.ring == f"a5.p{os.getpid()}.1" and len(s.retired) == 1
+        assert bytes(r.view(ref.ring, ref.nonce, ref.start, ref.nbytes, ref.end)) == bytes(join_parts(blob(3000, 5)))
+        r.release()
+        s.frame(_Msg(3000))
+        assert s.retired == [] and not os.path.exists(os.path.join("/dev/shm", ring_segment_name(run_id, ref.ring)))
+    finally:
+        r.close()
+        s.close()
+        old.segment.owner = True
+        old.close()
+
+
+def test_a_full_dev_shm_gives_up_retired_rings_first_then_goes_inline_and_tries_again_later(run_id, monkeypatch):
+    from apex_local.transport import insert_ring
+    from apex_local.transport.shm import ShmError
+
+    real = insert_ring.InsertRingWriter
+    room = {"instances": 2}  # /dev/shm holds two instances of this size
+
+    def writer(run, ring, capacity):
+        mine = [f for f in os.listdir("/dev/shm") if f.startswith(ring_segment_name(run_id, "a6."))]
+        if len(mine) >= room["instances"]:
+            raise ShmError("needs 524288 bytes but only 0 are free")
+        return real(run, ring, capacity)
+
+    monkeypatch.setattr(insert_ring, "InsertRingWriter", writer)
+    logs = []
+    s = insert_ring.InsertRingSender(run_id, "a6", 32 << 20, queue=64, log=logs.append)
+    limits = DecodeLimits(kinds=frozenset({"insert_ref"}))
+    try:
+        decode_frame(s.frame(_Msg(3000)), limits)
+        s.reset()  # retired with an unread reference
+        decode_frame(s.frame(_Msg(3000)), limits)
+        s.reset()
+        assert len(s.retired) == 2
+        third = decode_frame(s.frame(_Msg(3000)), limits)  # no room: the retired ones go, then it fits
+        assert isinstance(third, InsertRef) and s.retired == [] and not logs
+        room["instances"] = 0
+        s.reset()
+        assert bytes(s.frame(_Msg(3000))) == bytes(join_parts(blob(3000, 5)))  # no ring at all: inline
+        assert len(logs) == 1 and "inline" in logs[0]
+        room["instances"] = 2
+        assert bytes(s.frame(_Msg(3000))) == bytes(join_parts(blob(3000, 5)))  # not retried at once ...
+        s.failed_at -= s.RETIRE_S + 1
+        assert isinstance(decode_frame(s.frame(_Msg(3000)), limits), InsertRef)  # ... but later
+        assert len(logs) == 1
+    finally:
+        s.close()
+
+
+def test_sender_counts_the_messages_a_full_ring_sent_inline(run_id):
+    from apex_local.transport.insert_ring import InsertRingSender
+
+    s, r = InsertRingSender(run_id, "a4", 32 << 20, queue=2), InsertRingReader(run_id)
+    inline = bytes(join_parts(blob(3000, 5)))
+    try:
+        frames = [bytes(s.frame(_Msg(3000))) for _ in range(100)]  # nobody consumes: 256 KiB hold 83
+        assert s.capacity == 256 * 1024
+        per = -(-envelope_size(blob(3000, 5)) // ALIGN) * ALIGN  # each message's room in the ring
+        assert s.full == frames.count(inline) == 100 - (256 * 1024) // per > 0
+        refs = [decode_frame(f, DecodeLimits(kinds=frozenset({"insert_ref"}))) for f in frames if f != inline]
+        for ref in refs:  # consumed: room again
+            r.view(ref.ring, ref.nonce, ref.start, ref.nbytes, ref.end)
+        r.release()
+        full = s.full
+        assert isinstance(decode_frame(s.frame(_Msg(3000)), DecodeLimits(kinds=frozenset({"insert_ref"}))), InsertRef)
+        assert s.full == full
+    finally:
+        r.close()
+        s.close()
 
 
 def test_sender_without_room_in_dev_shm_sends_inline(run_id, monkeypatch):

@@ -100,6 +100,7 @@ def test_replay_drops_bad_messages_while_a_good_actor_continues(topo, kind):
                "good inserts continuing")
     # the actor's inserts came through its shared-memory insert ring (ipc, and tcp on loopback)
     assert t.metrics("replay").get("apex_replay_ring_messages_total", 0) > 0, t.dump()
+    assert "apex_actor_ring_full_total" in t.metrics("actor")  # exported from the start (0 while there is room)
     push.close()
     ctx.term()
     codes = t.stop(signal.SIGTERM)

@@ -63,14 +63,15 @@ class ActorService:
 
     def _open_ring(self) -> None:
         """This actor's shared-memory insert ring (made at the first message, sized to them; a
-        new instance after each call: a replay still draining the old one never races the new),
-        or None: inserts go inline."""
+        new instance after each call, the old one retired until its replay has consumed it), or
+        None: inserts go inline."""
         if self.ring is not None:
             self.ring.reset()
             return
         if ring_enabled(self.cfg.transport):
             self.ring = InsertRingSender(self.run_id, f"actor{self.index}", self.cfg.transport.insert_ring_mb << 20,
                                          queue=self.cfg.transport.send_hwm, log=self.log)
+            self.rec.inc("apex_actor_ring_full_total", 0)
 
     # ------------------------------------------------------------------ env
     def _build_env(self) -> None:
@@ -186,7 +187,13 @@ class ActorService:
         t0 = time.monotonic()
         # encoded once (a send that times out is retried with it): a reference into this actor's
         # insert ring, or the message itself
-        frame = self.ring.frame(msg) if self.ring is not None else msg.to_frame()
+        if self.ring is not None:
+            full = self.ring.full
+            frame = self.ring.frame(msg)
+            if self.ring.full != full:  # no room in the ring: this one went inline
+                self.rec.inc("apex_actor_ring_full_total")
+        else:
+            frame = msg.to_frame()
         while not send_message(self.push, frame):  # SNDTIMEO expired: replay slow or gone
             now = time.monotonic()  # count blocked time as it accrues, so a stall shows while it lasts
             self.blocked_seconds += now - t0
@@ -194,6 +201,8 @@ class ActorService:
             t0 = now
             if shutdown:
                 return
+            if self.ring is not None:
+                self.ring.sweep()  # retired rings go on time while the replay is away
             if self.route is not None and self.route.moved():  # its learner is gone: feed another
                 self._follow_route()
                 return

@@ -156,11 +156,11 @@ class _Orphan:
 
     def close(self) -> None:
         self._header = None
-        if not self.segment.replaced():
-            try:
+        try:
+            if not self.segment.replaced():
                 os.unlink(self.segment.path)
-            except FileNotFoundError:
-                pass
+        except OSError:  # gone meanwhile, or not ours to remove after all
+            pass
         self.segment.close()
 
 
@@ -224,9 +224,10 @@ class InsertRingReader:
     file under the ring's name that is not a ring of this user).
 
     Rings are attached per instance, (ring id, nonce): references into an actor's previous
-    instance, still queued when it restarted, are served from that mapping while the reader
-    holds it, and a reference with a made-up nonce never disturbs the live instance. An
-    instance whose file is gone or replaced is unmapped once it has been idle `IDLE_CLOSE_S`."""
+    instance (retired by the actor until consumed, `InsertRingSender`) are served from its
+    mapping, or from its file when not mapped yet, and a reference with a made-up nonce never
+    disturbs the live instance. An instance whose file is gone or replaced is unmapped once it
+    has been idle `IDLE_CLOSE_S`."""
 
     IDLE_CLOSE_S = 5.0
 
@@ -338,15 +339,19 @@ class InsertRingSender:
     (``transport.insert_ring_mb``). A CartPole actor's ring is then 512 KiB, a Pong actor's the
     32 MiB cap. A message that outgrows the ring makes a larger instance; ``reset()`` (a route
     change) drops the instance and the next message makes a new one. Failing to make one (a full
-    /dev/shm) sends inline and is logged once.
+    /dev/shm, even after unlinking the retired instances) sends inline, is logged, and is tried
+    again after `RETIRE_S`.
 
     Each instance has its own segment, ring id ``<ring>.p<pid>.<k>`` (k counts this sender's
-    instances). A replaced instance is retired, not unlinked: references to it may still sit
-    unread in a replay's queue (a rate-limited replay does not read its socket, so it may not
-    have mapped the instance yet). It is unlinked once its consumer has consumed all of it, after
-    `RETIRE_S`, or beyond `MAX_RETIRED` retired instances (oldest first). The instances a dead
-    predecessor (a killed actor of the same ring id) left behind are adopted at the first
-    message and retired the same way, so what it sent before dying is still stored."""
+    instances; a name that exists is skipped, never replaced). A replaced instance is retired,
+    not unlinked: references to it may still sit unread in a replay's queue (a rate-limited
+    replay does not read its socket, so it may not have mapped the instance yet). It is unlinked
+    once its consumer has consumed all of it, after `RETIRE_S`, or beyond `MAX_RETIRED` retired
+    instances of this sender (oldest first). The instances a dead predecessor (a killed actor of
+    the same ring id, or an earlier process with this pid) left behind are adopted at the first
+    message and go the same way (but not by count), so what it sent before dying is still
+    stored. Retired instances are swept at each message and by ``sweep()`` (the actor calls it
+    while a send is blocked)."""
 
     MIN_BYTES = 256 * 1024
     RETIRE_S = 60.0  # a consumer this far behind (or dead) loses the references it still has queued
@@ -356,9 +361,11 @@ class InsertRingSender:
         self.run_id, self.ring_id, self.max_bytes, self.queue, self.log = run_id, ring, int(max_bytes), int(queue), log
         self.writer: InsertRingWriter | None = None
         self.retired: list[tuple[InsertRingWriter | _Orphan, float]] = []  # (instance, when retired), oldest first
-        self.instances = 0
-        self.failed = False
+        self.instances = 0  # next k
+        self.adopted = False
+        self.failed_at: float | None = None  # when making an instance last failed
         self.pid = os.getpid()
+        self.full = 0  # messages sent inline because the ring had no room (the replay is behind)
 
     def _want(self, nbytes: int) -> int:
         want = max(self.MIN_BYTES, 2 * self.queue * _aligned(nbytes))
@@ -368,54 +375,91 @@ class InsertRingSender:
         """The frame to push for the `Insert` ``msg`` (`insert_frame` through this actor's ring)."""
         parts = msg.encode()
         if self.retired:
-            self._sweep()
-        if self.failed or self.max_bytes < MIN_CAPACITY:
+            self.sweep()
+        if self.max_bytes < MIN_CAPACITY or (
+                self.failed_at is not None and time.monotonic() - self.failed_at < self.RETIRE_S):
             return join_parts(parts)
         nbytes = envelope_size(parts)
         want = self._want(nbytes)
         # a new instance at the first message, and when a queue of messages this size no longer fits
         if self.writer is None or (self.writer.capacity < want and self.queue * _aligned(nbytes) > self.writer.capacity):
             self._replace(want)
-        return _ref_or_inline(msg, parts, self.writer, nbytes)
+        writer = self.writer
+        if writer is None:
+            return join_parts(parts)
+        before = writer.full
+        frame = _ref_or_inline(msg, parts, writer, nbytes)
+        self.full += writer.full - before
+        return frame
 
     def _replace(self, capacity: int) -> None:
         self.reset()
-        if self.instances == 0:
+        if not self.adopted:
+            self.adopted = True
             self._adopt_orphans()
         try:
-            self.writer = InsertRingWriter(self.run_id, f"{self.ring_id}.p{self.pid}.{self.instances}", capacity)
-            self.instances += 1
-        except (ShmError, OSError) as exc:  # e.g. /dev/shm too small: inline inserts still work
-            self.failed = True
-            self.log(f"no insert ring ({exc}); sending inserts inline")
+            try:
+                self.writer = self._create(capacity)
+            except ShmError:  # e.g. /dev/shm short: give up the retired instances and try once more
+                if not self.retired:
+                    raise
+                self._close_retired()
+                self.writer = self._create(capacity)
+            self.failed_at = None
+        except (ShmError, OSError) as exc:  # inline inserts still work
+            self.failed_at = time.monotonic()
+            self.log(f"no insert ring ({exc}); sending inserts inline (trying again in {self.RETIRE_S:.0f} s)")
+
+    def _create(self, capacity: int) -> InsertRingWriter:
+        while os.path.lexists(os.path.join(SHM_DIR, ring_segment_name(self.run_id, self._name(self.instances)))):
+            self.instances += 1  # another process's (adopted, or a live one's): never replaced
+        k = self.instances
+        self.instances += 1
+        return InsertRingWriter(self.run_id, self._name(k), capacity)
+
+    def _name(self, k: int) -> str:
+        return f"{self.ring_id}.p{self.pid}.{k}"
 
     def _adopt_orphans(self) -> None:
         """Retire the instances of dead actors with this ring id (``<ring>.p<pid>.<k>``, pid not
-        a live process); a live one's (two actors given one index) are left alone."""
+        a live process, or this process's pid: it was an earlier process's); a live process's
+        (two actors given one index) are left alone, as are files of another user."""
         from apex_local.transport.rundir import process_alive
 
         prefix = ring_segment_name(self.run_id, f"{self.ring_id}.p")
         try:
-            names = sorted(os.listdir(SHM_DIR))
+            names = os.listdir(SHM_DIR)
         except OSError:
             return
-        now = time.monotonic()
+        found = []
         for name in names:
-            m = re.fullmatch(r"(\d+)\.\d+", name[len(prefix):]) if name.startswith(prefix) else None
-            if m is None or int(m.group(1)) == self.pid or process_alive(int(m.group(1))):
+            m = re.fullmatch(r"(\d+)\.(\d+)", name[len(prefix):]) if name.startswith(prefix) else None
+            if m is not None:
+                found.append((int(m.group(1)), int(m.group(2)), name))
+        now = time.monotonic()
+        adopted = 0
+        for pid, _, name in sorted(found):  # oldest first, by (pid, k) as numbers
+            if pid != self.pid and process_alive(pid):
                 continue
+            path = os.path.join(SHM_DIR, name)
             try:
-                if not stat.S_ISREG(os.lstat(os.path.join(SHM_DIR, name)).st_mode):
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    continue
+                if st.st_size == 0:  # killed between creating and sizing it: nothing was ever in it
+                    os.unlink(path)
                     continue
                 self.retired.append((_Orphan(Segment.attach(name)), now))
+                adopted += 1
             except (ShmError, OSError, ValueError):
                 continue  # gone meanwhile, or not ours to read
-        if self.retired:
-            self.log(f"adopted {len(self.retired)} insert ring(s) of a stopped actor {self.ring_id!r}; "
+        if adopted:
+            self.log(f"adopted {adopted} insert ring(s) of a stopped actor {self.ring_id!r}; "
                      "unlinked once their queued messages are stored")
 
-    def _sweep(self, now: float | None = None) -> None:
-        """Unlink retired instances that are consumed, older than `RETIRE_S`, or too many."""
+    def sweep(self, now: float | None = None) -> None:
+        """Unlink retired instances that are consumed or older than `RETIRE_S`, and this
+        sender's own beyond `MAX_RETIRED` (oldest first)."""
         now = time.monotonic() if now is None else now
         keep = []
         for w, since in self.retired:
@@ -423,9 +467,16 @@ class InsertRingSender:
                 w.close()
             else:
                 keep.append((w, since))
-        while len(keep) > self.MAX_RETIRED:
-            keep.pop(0)[0].close()
-        self.retired = keep
+        own = [i for i, (w, _) in enumerate(keep) if not isinstance(w, _Orphan)]
+        drop = set(own[:max(0, len(own) - self.MAX_RETIRED)])
+        for i in drop:
+            keep[i][0].close()
+        self.retired = [e for i, e in enumerate(keep) if i not in drop]
+
+    def _close_retired(self) -> None:
+        for w, _ in self.retired:
+            w.close()
+        self.retired = []
 
     @property
     def capacity(self) -> int:
@@ -436,11 +487,10 @@ class InsertRingSender:
         if self.writer is not None:
             self.retired.append((self.writer, time.monotonic()))
             self.writer = None
-            self._sweep()
+            self.sweep()
 
     def close(self) -> None:
-        """Unlink every instance, retired ones too (the actor is stopping)."""
+        """Unlink every instance, retired ones too (the actor is stopping: references still
+        queued at a replay are lost, as are the messages in its own socket's queue)."""
         self.reset()
-        for w, _ in self.retired:
-            w.close()
-        self.retired = []
+        self._close_retired()
