@@ -86,7 +86,7 @@ def test_a_full_ring_refuses_and_the_message_goes_inline(run_id):
     try:
         got = [w.put(blob(20_000, i)) for i in range(3)]
         assert all(g is not None for g in got)
-        assert w.put(blob(20_000, 3)) is None and w.full == 1  # 3 x ~20 KiB in flight: no room
+        assert w.put(blob(20_000, 3)) is None  # 3 x ~20 KiB in flight: no room
         assert w.put(blob(RING, 0)) is None  # bigger than the ring: never fits
         # insert_frame: the same refusal sends the message itself
         msg = Insert(sender="actor.0", actor_id=0, chunk={"frames": np.zeros((3, 84, 84), np.uint8)})
@@ -591,23 +591,68 @@ def test_a_full_dev_shm_gives_up_retired_rings_first_then_goes_inline_and_tries_
         s.close()
 
 
-def test_sender_counts_the_messages_a_full_ring_sent_inline(run_id):
+@pytest.mark.parametrize("limit", ["count", "bytes"])
+def test_sender_bounds_unconsumed_messages_like_a_socket_queue_and_counts_what_went_inline(run_id, limit):
+    """At most 2 x queue unconsumed messages in the ring (the send + receive queues a socket
+    would hold; references are tiny, so the kernel buffers would hold hundreds more), and no
+    more than fit in its bytes; the rest goes inline and is counted."""
     from apex_local.transport.insert_ring import InsertRingSender
 
-    s, r = InsertRingSender(run_id, "a4", 32 << 20, queue=2), InsertRingReader(run_id)
-    inline = bytes(join_parts(blob(3000, 5)))
+    if limit == "count":  # queue 2: 4 messages of ~3 KiB in a 256 KiB ring
+        s, size = InsertRingSender(run_id, "a4", 32 << 20, queue=2), 3000
+        room = 4
+    else:  # a 256 KiB cap: ~12 messages of ~20 KiB, far fewer than 2 x 64
+        s, size = InsertRingSender(run_id, "a4", 256 << 10, queue=64), 20_000
+        room = (256 << 10) // (-(-envelope_size(blob(size, 5)) // ALIGN) * ALIGN)
+    r = InsertRingReader(run_id)
+    refs_only = DecodeLimits(kinds=frozenset({"insert_ref"}))
+    inline = bytes(join_parts(blob(size, 5)))
     try:
-        frames = [bytes(s.frame(_Msg(3000))) for _ in range(100)]  # nobody consumes: 256 KiB hold 83
+        frames = [bytes(s.frame(_Msg(size))) for _ in range(40)]  # nobody consumes
         assert s.capacity == 256 * 1024
-        per = -(-envelope_size(blob(3000, 5)) // ALIGN) * ALIGN  # each message's room in the ring
-        assert s.full == frames.count(inline) == 100 - (256 * 1024) // per > 0
-        refs = [decode_frame(f, DecodeLimits(kinds=frozenset({"insert_ref"}))) for f in frames if f != inline]
-        for ref in refs:  # consumed: room again
+        assert frames.count(inline) == s.full == 40 - room and room < 40
+        refs = [decode_frame(f, refs_only) for f in frames if f != inline]
+        assert len(refs) == room
+        for ref in refs[:2]:  # two consumed: room for two more
             r.view(ref.ring, ref.nonce, ref.start, ref.nbytes, ref.end)
         r.release()
         full = s.full
-        assert isinstance(decode_frame(s.frame(_Msg(3000)), DecodeLimits(kinds=frozenset({"insert_ref"}))), InsertRef)
-        assert s.full == full
+        assert all(isinstance(decode_frame(s.frame(_Msg(size)), refs_only), InsertRef) for _ in range(2))
+        assert bytes(s.frame(_Msg(size))) == inline and s.full == full + 1
+    finally:
+        r.close()
+        s.close()
+
+
+def test_sender_waits_for_room_before_going_inline(run_id):
+    import threading
+
+    from apex_local.transport.insert_ring import InsertRingSender
+
+    s, r = InsertRingSender(run_id, "a7", 32 << 20, queue=1), InsertRingReader(run_id)
+    refs_only = DecodeLimits(kinds=frozenset({"insert_ref"}))
+    inline = bytes(join_parts(blob(3000, 5)))
+    try:
+        refs = [decode_frame(s.frame(_Msg(3000)), refs_only) for _ in range(2)]  # 2 x queue: full now
+
+        def consume_later():
+            time.sleep(0.2)
+            r.view(refs[0].ring, refs[0].nonce, refs[0].start, refs[0].nbytes, refs[0].end)
+            r.release()
+
+        th = threading.Thread(target=consume_later)
+        th.start()
+        t0 = time.monotonic()
+        got = s.frame(_Msg(3000), wait_s=10.0)  # waits for the consumer, then goes through the ring
+        waited = time.monotonic() - t0
+        th.join()
+        assert isinstance(decode_frame(got, refs_only), InsertRef) and s.full == 0 and 0.15 < waited < 5
+        t0 = time.monotonic()
+        assert bytes(s.frame(_Msg(3000), wait_s=0.1)) == inline and s.full == 1  # nobody consumes: inline
+        assert time.monotonic() - t0 >= 0.1
+        t0 = time.monotonic()
+        assert bytes(s.frame(_Msg(3000), wait_s=10.0, stop=lambda: True)) == inline  # shutdown: no wait
+        assert time.monotonic() - t0 < 1.0 and s.full == 2
     finally:
         r.close()
         s.close()

@@ -30,6 +30,11 @@ from apex_local.transport.insert_ring import InsertRingSender, ring_enabled
 from apex_local.transport.shm import ShmError
 
 
+# A full insert ring: wait this long for the replay to consume before sending inline (what
+# a socket at its high-water mark would do; inline messages would queue behind the ring's).
+RING_WAIT_S = 1.0
+
+
 class ActorService:
     def __init__(self, cfg: Config, run_id: str, spec, index: int, recorder: Recorder | None = None,
                  log=print) -> None:
@@ -189,8 +194,8 @@ class ActorService:
         # insert ring, or the message itself
         if self.ring is not None:
             full = self.ring.full
-            frame = self.ring.frame(msg)
-            if self.ring.full != full:  # no room in the ring: this one went inline
+            frame = self.ring.frame(msg, wait_s=RING_WAIT_S, stop=lambda: bool(shutdown))
+            if self.ring.full != full:  # no room in the ring, even after waiting: this one went inline
                 self.rec.inc("apex_actor_ring_full_total")
         else:
             frame = msg.to_frame()

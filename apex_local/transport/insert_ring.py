@@ -25,8 +25,10 @@ Positions are absolute byte counters (they only grow); a message occupies
 of the ring instead), and ``end`` (what ``consumed`` becomes once it is done) includes that
 skipped tail and the 64-byte alignment. The writer reuses bytes only below ``consumed``, so a
 message is never overwritten before the consumer has stored it. When the ring has no room (a
-consumer that is slow, rate-limited or restarting), the writer returns None and the caller
-sends the message inline: a full ring never blocks more than the socket would.
+consumer that is slow, rate-limited or restarting), the writer returns None; the actor waits
+for room a while (`InsertRingSender.frame`: the ring, sized to two send-queues of messages, is
+then the queue a socket at its high-water mark would be) and then sends the message inline, so
+a consumer that lost references (it died) never wedges the actor.
 
 Ordering: one actor's messages arrive in order on its PUSH socket. The data is written before
 the reference is sent (the ZMQ send / receive syscalls lie between it and the consumer's
@@ -48,7 +50,7 @@ import re
 import stat
 import struct
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import replace
 
 import numpy as np
@@ -107,7 +109,6 @@ class InsertRingWriter:
         self._written = np.ndarray((1,), np.uint64, buffer=self.segment.mmap, offset=_WRITTEN_AT)
         self._data = np.ndarray((capacity,), np.uint8, buffer=self.segment.mmap, offset=HEADER_BYTES)
         self.head = 0  # absolute position of the next write
-        self.full = 0  # messages refused for want of room
 
     @property
     def consumed(self) -> int:
@@ -122,7 +123,6 @@ class InsertRingWriter:
         start = self.head if pos + nbytes <= self.capacity else self.head + (self.capacity - pos)
         end = start + _aligned(nbytes)
         if end - self.consumed > self.capacity:
-            self.full += 1
             return None
         off = start % self.capacity
         join_parts(parts, out=self._data[off:off + nbytes])
@@ -322,20 +322,24 @@ def insert_frame(msg, writer: InsertRingWriter | None) -> np.ndarray:
 
 
 def _ref_or_inline(msg, parts, writer: InsertRingWriter | None, nbytes: int | None = None) -> np.ndarray:
-    from apex_local.transport.protocol import InsertRef
-
     got = writer.put(parts, nbytes) if writer is not None else None
     if got is None:
         return join_parts(parts)
-    start, nbytes, end = got
+    return _ref_frame(msg, writer, *got)
+
+
+def _ref_frame(msg, writer: InsertRingWriter, start: int, nbytes: int, end: int) -> np.ndarray:
+    from apex_local.transport.protocol import InsertRef
+
     return InsertRef(sender=msg.sender, weights_version=msg.weights_version, ring=writer.ring,
                      nonce=writer.nonce, start=start, nbytes=nbytes, end=end).to_frame()
 
 
 class InsertRingSender:
     """An actor's ring, made at its first message and sized to its messages: room for
-    ``2 x queue`` of them (``queue`` = the socket's send high-water mark: the references a replay
-    may have queued), rounded up to a power of two, at least 256 KiB and at most ``max_bytes``
+    ``2 x queue`` of them (``queue`` = the socket's send high-water mark; the ring takes at most
+    ``2 x queue`` unconsumed messages, what the send and receive queues would hold inline),
+    rounded up to a power of two, at least 256 KiB and at most ``max_bytes``
     (``transport.insert_ring_mb``). A CartPole actor's ring is then 512 KiB, a Pong actor's the
     32 MiB cap. A message that outgrows the ring makes a larger instance; ``reset()`` (a route
     change) drops the instance and the next message makes a new one. Failing to make one (a full
@@ -366,13 +370,19 @@ class InsertRingSender:
         self.failed_at: float | None = None  # when making an instance last failed
         self.pid = os.getpid()
         self.full = 0  # messages sent inline because the ring had no room (the replay is behind)
+        self._ends: deque[int] = deque()  # ends of the current instance's messages not known consumed
 
     def _want(self, nbytes: int) -> int:
         want = max(self.MIN_BYTES, 2 * self.queue * _aligned(nbytes))
         return min(1 << (want - 1).bit_length(), _aligned(self.max_bytes))
 
-    def frame(self, msg) -> np.ndarray:
-        """The frame to push for the `Insert` ``msg`` (`insert_frame` through this actor's ring)."""
+    def frame(self, msg, wait_s: float = 0.0, stop=None) -> np.ndarray:
+        """The frame to push for the `Insert` ``msg`` (`insert_frame` through this actor's ring).
+        ``wait_s``: when the ring has no room, wait up to this long for the replay to consume
+        (``stop()`` True ends the wait), as a send to a socket at its high-water mark would,
+        before sending inline: inline messages would queue behind the ring's (a reference is
+        ~120 bytes, so the kernel's socket buffer holds hundreds of them), and the actor would run
+        that much further ahead of a rate-limited replay."""
         parts = msg.encode()
         if self.retired:
             self.sweep()
@@ -387,13 +397,34 @@ class InsertRingSender:
         writer = self.writer
         if writer is None:
             return join_parts(parts)
-        before = writer.full
-        frame = _ref_or_inline(msg, parts, writer, nbytes)
-        self.full += writer.full - before
-        return frame
+        got = self._put(writer, parts, nbytes)
+        if got is None and wait_s > 0:
+            deadline, delay = time.monotonic() + wait_s, 0.002
+            while got is None and time.monotonic() < deadline and not (stop is not None and stop()):
+                time.sleep(delay)
+                delay = min(2 * delay, 0.02)  # 2 x queue messages are queued: no hurry
+                got = self._put(writer, parts, nbytes)
+        if got is None:
+            self.full += 1
+            return join_parts(parts)
+        return _ref_frame(msg, writer, *got)
+
+    def _put(self, writer: InsertRingWriter, parts, nbytes: int) -> tuple[int, int, int] | None:
+        """``writer.put``, or None while ``2 x queue`` messages are not consumed yet (what the
+        socket's send and receive queues would hold inline)."""
+        ends, consumed = self._ends, writer.consumed
+        while ends and ends[0] <= consumed:
+            ends.popleft()
+        if len(ends) >= 2 * self.queue:
+            return None
+        got = writer.put(parts, nbytes)
+        if got is not None:
+            ends.append(got[2])
+        return got
 
     def _replace(self, capacity: int) -> None:
         self.reset()
+        self._ends.clear()
         if not self.adopted:
             self.adopted = True
             self._adopt_orphans()
