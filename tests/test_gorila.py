@@ -529,7 +529,10 @@ def test_paramserver_sums_reported_env_steps_ends_local_runs_and_restarts_finish
 
 
 def test_gorila_local_replay_learns_reroutes_around_a_killed_learner_and_exits_cleanly(topo):
-    t = topo({"run.max_env_steps": 10**9, "actor.eval_episodes": 5}, base="configs/gorila_cartpole_local.yaml")
+    # insert_ring_min_kb 0: CartPole's small messages through the insert rings, whose instances
+    # must follow the route changes (a rate-limited learner an actor left still stores its queue)
+    t = topo({"run.max_env_steps": 10**9, "actor.eval_episodes": 5, "transport.insert_ring_min_kb": 0},
+             base="configs/gorila_cartpole_local.yaml")
     for role, idx in (("replay", 0), ("paramserver", 0), ("learner", 0), ("learner", 1), ("actor", 0), ("actor", 1),
                       ("evaluator", 0)):
         t.start(role, idx)

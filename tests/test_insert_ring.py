@@ -658,6 +658,19 @@ def test_sender_waits_for_room_before_going_inline(run_id):
         s.close()
 
 
+def test_messages_below_the_minimum_go_inline_and_take_no_ring(run_id):
+    from apex_local.transport.insert_ring import InsertRingSender
+
+    s = InsertRingSender(run_id, "a8", 32 << 20, queue=64, min_message_bytes=64 << 10)
+    try:
+        assert bytes(s.frame(_Msg(3000))) == bytes(join_parts(blob(3000, 5))) and s.capacity == 0
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith(ring_segment_name(run_id, "a8."))]
+        big = decode_frame(s.frame(_Msg(100_000)), DecodeLimits(kinds=frozenset({"insert_ref"})))
+        assert isinstance(big, InsertRef) and s.capacity > 0 and s.full == 0
+    finally:
+        s.close()
+
+
 def test_sender_without_room_in_dev_shm_sends_inline(run_id, monkeypatch):
     from apex_local.transport import insert_ring
     from apex_local.transport.shm import ShmError

@@ -31,6 +31,9 @@ def test_apex_processes_learn_and_exit_cleanly_on_sigint(topo):
                       "evaluation return >= 150 (random CartPole play scores ~22)", interval=1.0)
     print(f"evaluation return {best}")
     assert t.metrics("replay").get("apex_replay_sampled_total", 0) > 0
+    # CartPole's ~3 KiB messages go inline (transport.insert_ring_min_kb: 64): no ring taken
+    assert t.metrics("replay").get("apex_replay_ring_messages_total", 1) == 0
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"apex_{t.run_id}_ins_")]
 
     codes = t.stop(signal.SIGINT, timeout=3.0)
     assert all(code == 0 for code, _ in codes.values()), (codes, t.dump())
@@ -77,6 +80,7 @@ def test_replay_drops_bad_messages_while_a_good_actor_continues(topo, kind):
     from service_harness import free_port_block
 
     t = topo({"run.max_env_steps": 10**9, "transport.max_message_bytes": 1 << 20, "transport.kind": kind,
+              "transport.insert_ring_min_kb": 0,  # CartPole's ~3 KiB messages through the ring too
               "transport.base_port": free_port_block()})
     for role in ("replay", "learner", "actor"):
         t.start(role, 0)

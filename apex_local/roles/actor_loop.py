@@ -74,8 +74,9 @@ class ActorService:
             self.ring.reset()
             return
         if ring_enabled(self.cfg.transport):
-            self.ring = InsertRingSender(self.run_id, f"actor{self.index}", self.cfg.transport.insert_ring_mb << 20,
-                                         queue=self.cfg.transport.send_hwm, log=self.log)
+            t = self.cfg.transport
+            self.ring = InsertRingSender(self.run_id, f"actor{self.index}", t.insert_ring_mb << 20,
+                                         queue=t.send_hwm, log=self.log, min_message_bytes=t.insert_ring_min_kb << 10)
             self.rec.inc("apex_actor_ring_full_total", 0)
 
     # ------------------------------------------------------------------ env

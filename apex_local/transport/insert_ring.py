@@ -340,8 +340,9 @@ class InsertRingSender:
     ``2 x queue`` of them (``queue`` = the socket's send high-water mark; the ring takes at most
     ``2 x queue`` unconsumed messages, what the send and receive queues would hold inline),
     rounded up to a power of two, at least 256 KiB and at most ``max_bytes``
-    (``transport.insert_ring_mb``). A CartPole actor's ring is then 512 KiB, a Pong actor's the
-    32 MiB cap. A message that outgrows the ring makes a larger instance; ``reset()`` (a route
+    (``transport.insert_ring_mb``): a Pong actor's is the 32 MiB cap. Messages below
+    ``min_message_bytes`` (``transport.insert_ring_min_kb``; CartPole's) go inline. A message
+    that outgrows the ring makes a larger instance; ``reset()`` (a route
     change) drops the instance and the next message makes a new one. Failing to make one (a full
     /dev/shm, even after unlinking the retired instances) sends inline, is logged, and is tried
     again after `RETIRE_S`.
@@ -361,8 +362,10 @@ class InsertRingSender:
     RETIRE_S = 60.0  # a consumer this far behind (or dead) loses the references it still has queued
     MAX_RETIRED = 4
 
-    def __init__(self, run_id: str, ring: str, max_bytes: int, queue: int, log=print) -> None:
+    def __init__(self, run_id: str, ring: str, max_bytes: int, queue: int, log=print,
+                 min_message_bytes: int = 0) -> None:
         self.run_id, self.ring_id, self.max_bytes, self.queue, self.log = run_id, ring, int(max_bytes), int(queue), log
+        self.min_message_bytes = int(min_message_bytes)  # smaller messages go inline
         self.writer: InsertRingWriter | None = None
         self.retired: list[tuple[InsertRingWriter | _Orphan, float]] = []  # (instance, when retired), oldest first
         self.instances = 0  # next k
@@ -390,6 +393,8 @@ class InsertRingSender:
                 self.failed_at is not None and time.monotonic() - self.failed_at < self.RETIRE_S):
             return join_parts(parts)
         nbytes = envelope_size(parts)
+        if nbytes < self.min_message_bytes:
+            return join_parts(parts)
         want = self._want(nbytes)
         # a new instance at the first message, and when a queue of messages this size no longer fits
         if self.writer is None or (self.writer.capacity < want and self.queue * _aligned(nbytes) > self.writer.capacity):
